@@ -1,0 +1,160 @@
+"""The only module that touches Ultralytics internals: YAML parsing of PST rows, fusing, safe loading.
+
+``register()`` (run by ``import pst_yolo``) wraps ``ultralytics.nn.tasks.parse_model``: a model YAML without PST rows
+goes straight to the stock parser. With PST rows, each row ``[[fine, upper], n, PST, [c2, mlp_ratio, e, k]]`` is
+first parsed by the stock code as ``[fine, n, Conv, [c2, 1]]``, which gives exactly a stock module's channel
+inference (``c1 = ch[fine]``, ``c2`` width-scaled and capped by ``max_channels``, ``n`` depth-scaled). A dry forward
+of that stand-in network reads every layer's output shape, which gives ``c_up = ch[upper]`` and checks that the
+upper map is half the fine map; then each stand-in is swapped for the real :class:`~pst_yolo.nn.PST`.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+import torch.nn as nn
+import ultralytics
+from ultralytics.nn import tasks
+from ultralytics.nn.modules import Conv, HGBlock
+from ultralytics.utils import LOGGER
+
+from .nn import PST, PSAttn, PSAttnBlock
+
+PLUGIN_MODULES = {"PST": PST, "PSTFixedWidth": PST}  # PSTFixedWidth: c2 taken as is, never width-scaled
+SAFE_GLOBALS = (PST, PSAttnBlock, PSAttn)
+PROBE_SIZE = 256  # dry-run input size (pixels) used to read channels and map sizes
+
+
+class PluginBuildError(ValueError):
+    """A PST row of a model YAML cannot be built; the message names the layer index."""
+
+
+def _incompatible(what: str) -> RuntimeError:
+    return RuntimeError(
+        f"pst_yolo cannot hook Ultralytics {ultralytics.__version__}: {what}. "
+        "pst_yolo supports ultralytics>=8.3.100,<8.5; install a supported version."
+    )
+
+
+def _plugin_rows(d: dict) -> list[int]:
+    """Indices of the rows whose module is a pst_yolo module."""
+    return [i for i, row in enumerate(d["backbone"] + d["head"]) if row[2] in PLUGIN_MODULES]
+
+
+def _stand_in_dict(d: dict, rows: list[int]) -> dict:
+    """A deep copy of the YAML dict with every PST row replaced by a stock Conv row reading the fine map."""
+    d = copy.deepcopy(d)
+    layers = d["backbone"] + d["head"]
+    for i in rows:
+        f, n, row_module, args = layers[i]
+        if not isinstance(f, (list, tuple)) or len(f) != 2:
+            raise PluginBuildError(
+                f"YAML layer {i}: PST needs 'from' = [fine, upper] (two inputs: the fine map and its upper map), got {f!r}."
+            )
+        for j in f:
+            if not isinstance(j, int) or not (-i <= j < i):
+                raise PluginBuildError(
+                    f"YAML layer {i}: PST input {j!r} in 'from' {f} is not an earlier layer (missing upper map?)."
+                )
+        if not args:
+            raise PluginBuildError(f"YAML layer {i}: PST args must start with c2, e.g. [512, 2.0, 0.5].")
+        if row_module == "PST":  # stock Conv channel inference: c2 width-scaled and capped like any stock module
+            layers[i][:] = [f[0], n, "Conv", [args[0], 1]]
+        else:  # stock HGBlock(c1, cm, c2, k, n) keeps c2 as given; cm=8, k=1 keep the throw-away stand-in cheap
+            layers[i][:] = [f[0], n, "HGBlock", [8, args[0], 1]]
+    return d
+
+
+def _layer_output_shapes(layers: nn.Sequential, ch: int) -> list[torch.Size]:
+    """Run a no-grad dry forward of a parsed Sequential (routing by each layer's ``f``); return each output shape."""
+    outputs, shapes = [], []
+    x = torch.zeros(1, ch, PROBE_SIZE, PROBE_SIZE)
+    with torch.no_grad():
+        for m in layers.eval():
+            if m.f != -1:
+                x = outputs[m.f] if isinstance(m.f, int) else [x if j == -1 else outputs[j] for j in m.f]
+            x = m(x)
+            outputs.append(x)
+            shapes.append(x.shape if isinstance(x, torch.Tensor) else None)
+    return shapes
+
+
+def _build_pst(stand_in: nn.Module, row: list, index: int, shapes: list) -> nn.Module:
+    """Replace the stand-in of layer ``index`` (Conv, Sequential of Convs, or HGBlock) with the real PST."""
+    f, _, _, args = row
+    if isinstance(stand_in, HGBlock):
+        c1, c2, n = stand_in.m[0].conv.in_channels, stand_in.ec.conv.out_channels, len(stand_in.m)
+    else:
+        convs = list(stand_in) if isinstance(stand_in, nn.Sequential) else [stand_in]
+        if not all(type(c) is Conv for c in convs):
+            raise _incompatible(f"the stand-in of PST layer {index} was not built as a stock Conv")
+        c1, c2, n = convs[0].conv.in_channels, convs[0].conv.out_channels, len(convs)
+    fine, upper = (shapes[j % index] for j in f)
+    if upper is None or fine is None:
+        raise PluginBuildError(f"YAML layer {index}: PST inputs {f} must be single feature maps.")
+    expected = ((fine[2] + 1) // 2, (fine[3] + 1) // 2)
+    if tuple(upper[2:]) != expected:
+        raise PluginBuildError(
+            f"YAML layer {index}: PST upper map (layer {f[1]}, {upper[2]}x{upper[3]} at {PROBE_SIZE}px input) must be "
+            f"half the fine map (layer {f[0]}, {fine[2]}x{fine[3]}), i.e. {expected[0]}x{expected[1]}."
+        )
+    try:
+        module = PST(c1, upper[1], c2, n, *args[1:])
+    except (TypeError, ValueError) as e:
+        raise PluginBuildError(f"YAML layer {index}: {e}") from e
+    module.np = sum(p.numel() for p in module.parameters())
+    module.i, module.f, module.type = index, f, f"{PST.__module__}.{PST.__name__}"
+    return module
+
+
+def _log_summary(layers: nn.Sequential, d: dict) -> None:
+    """Print the layer table, as the stock parser does, with the real PST rows."""
+    LOGGER.info(f"\n{'':>3}{'from':>20}{'n':>3}{'params':>10}  {'module':<45}{'arguments':<30}")
+    for m, (_, n, _, args) in zip(layers, d["backbone"] + d["head"]):
+        LOGGER.info(f"{m.i:>3}{m.f!s:>20}{n:>3}{m.np:10.0f}  {m.type:<45}{args!s:<30}")
+
+
+def parse_model_with_plugins(stock_parse_model, d, ch, verbose=True):
+    """``parse_model`` that also builds pst_yolo rows; stock YAMLs go to the stock parser untouched."""
+    rows = _plugin_rows(d)
+    if not rows:
+        return stock_parse_model(d, ch, verbose)
+    layers, save = stock_parse_model(_stand_in_dict(d, rows), ch, verbose=False)
+    shapes = _layer_output_shapes(layers, ch)
+    table = d["backbone"] + d["head"]
+    for i in rows:
+        layers[i] = _build_pst(layers[i], table[i], i, shapes)
+        save.extend(j % i for j in table[i][0] if j != -1)
+    layers.train()
+    if verbose:
+        _log_summary(layers, d)
+    return layers, sorted(set(save))
+
+
+def fuse_with_fine_norm(stock_fuse, self, *args, **kwargs):
+    """``BaseModel.fuse`` that first folds each PSA module's fine-map K/V statistics (kv's BN is fused away)."""
+    for m in self.modules():
+        if isinstance(m, PSAttn):
+            m.fold_fine_norm()
+    return stock_fuse(self, *args, **kwargs)
+
+
+def register() -> None:
+    """Make Ultralytics build, fuse and safely load PST models. Idempotent."""
+    if getattr(tasks.parse_model, "_pst_yolo", False):
+        return
+    if not callable(getattr(tasks, "parse_model", None)) or not hasattr(tasks.BaseModel, "fuse"):
+        raise _incompatible("ultralytics.nn.tasks.parse_model or BaseModel.fuse is missing")
+    if getattr(tasks, "Conv", None) is not Conv or getattr(tasks, "HGBlock", None) is not HGBlock:
+        raise _incompatible("ultralytics.nn.tasks does not resolve 'Conv'/'HGBlock' to the stock modules")
+    for name, module in PLUGIN_MODULES.items():
+        setattr(tasks, name, module)  # YAML names resolve through the globals of ultralytics.nn.tasks
+    parse = functools.wraps(tasks.parse_model)(functools.partial(parse_model_with_plugins, tasks.parse_model))
+    parse._pst_yolo = True
+    tasks.parse_model = parse
+    stock_fuse = tasks.BaseModel.fuse
+    tasks.BaseModel.fuse = functools.wraps(stock_fuse)(lambda self, *a, **k: fuse_with_fine_norm(stock_fuse, self, *a, **k))
+    if hasattr(torch.serialization, "add_safe_globals"):
+        torch.serialization.add_safe_globals(list(SAFE_GLOBALS))

@@ -1,0 +1,129 @@
+"""Pyramid Sparse Attention module (paper Fig. 2 right, eq. 1-6)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from ultralytics.nn.modules import Conv
+
+from ..ops import pyramid_sparse_attention_parts
+
+HEAD_DIM = 32
+
+
+class PSAttn(nn.Module):
+    """Cross-attention from a fine map to its upper (half-size) map, refined on the top-k upper tokens.
+
+    Q comes from the fine map, one shared K/V projection is applied to the upper map (coarse K/V) and to the fine
+    map (fine K/V, eq. 4). In ``train()`` mode only the coarse branch runs (unless ``fine_in_training``); in
+    ``eval()`` mode the fine branch runs with ``topk`` tokens (0 switches it off), so a model trained coarse-only
+    is refined at inference without retraining.
+
+    The shared K/V projection keeps two sets of BatchNorm statistics with one affine: the upper map's (used for the
+    coarse K/V) and the fine map's, tracked in training at no gradient cost and used for the fine K/V, so fine
+    features are never normalised with upper-map statistics.
+
+    Attributes:
+        q (Conv): 1x1 conv + BN, fine map -> queries.
+        kv (Conv): 1x1 conv + BN, shared K/V projection (channels: K then V, each grouped per head).
+        kv_fine (Conv | None): Unshared fine K/V projection (ablation ``shared_fine_kv=False``).
+        pe (Conv): 7x7 depthwise conv + BN on the coarse V, upsampled to the fine size (CPE).
+        proj (Conv): 1x1 conv + BN output projection.
+        gate (nn.Linear | None): Self-gating of eq. 7-8 (ablation ``gate=True``), shared by all heads.
+
+    Examples:
+        >>> attn = PSAttn(64, num_heads=2).eval()
+        >>> attn(torch.randn(1, 64, 13, 13), torch.randn(1, 64, 7, 7)).shape
+        torch.Size([1, 64, 13, 13])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        topk: int = 8,
+        threshold: float = 1e-6,
+        gate: bool = False,
+        shared_fine_kv: bool = True,
+        fine_in_training: bool = False,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        if num_heads < 1 or dim % num_heads:
+            raise ValueError(f"PSAttn: dim {dim} must be a positive multiple of num_heads {num_heads}.")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.topk, self.threshold, self.fine_in_training, self.backend = topk, threshold, fine_in_training, backend
+        self.q = Conv(dim, dim, 1, act=False)
+        self.kv = Conv(dim, 2 * dim, 1, act=False)
+        self.kv_fine = None if shared_fine_kv else Conv(dim, 2 * dim, 1, act=False)
+        self.pe = Conv(dim, dim, 7, g=dim, act=False)
+        self.proj = Conv(dim, dim, 1, act=False)
+        self.gate = nn.Linear(2 * self.head_dim, self.head_dim) if gate else None
+        # Fine-map statistics of the shared K/V conv, and their fold for after Ultralytics fuses kv's BN away.
+        self.register_buffer("fine_kv_mean", torch.zeros(2 * dim))
+        self.register_buffer("fine_kv_var", torch.ones(2 * dim))
+        self.register_buffer("fine_kv_scale", torch.ones(2 * dim))
+        self.register_buffer("fine_kv_shift", torch.zeros(2 * dim))
+
+    def active_topk(self) -> int:
+        """Top-k used by the next forward: ``topk`` in eval (or with ``fine_in_training``), else 0."""
+        return self.topk if (not self.training or self.fine_in_training) else 0
+
+    def fold_fine_norm(self) -> None:
+        """Store the fine-statistics BN as an affine on the coarse-normalised K/V, before kv's BN is fused away.
+
+        With y = BN_upper(conv x), the fine-normalised value is y * sigma_u / sigma_f + shift (per channel).
+        """
+        bn = getattr(self.kv, "bn", None)
+        if bn is None or self.kv_fine is not None:
+            return
+        sigma_u = (bn.running_var + bn.eps).sqrt()
+        sigma_f = (self.fine_kv_var + bn.eps).sqrt()
+        scale = sigma_u / sigma_f
+        self.fine_kv_scale.copy_(scale)
+        self.fine_kv_shift.copy_(bn.bias * (1 - scale) + bn.weight * (bn.running_mean - self.fine_kv_mean) / sigma_f)
+
+    def fine_keys_values(self, x: torch.Tensor) -> torch.Tensor:
+        """Fine K/V map (B, 2C, H, W) from the fine map x (B, C, H, W) through the shared (or unshared) projection."""
+        if self.kv_fine is not None:
+            return self.kv_fine(x)
+        bn = getattr(self.kv, "bn", None)
+        if bn is None:  # kv was fused by Ultralytics: fold_fine_norm() ran first
+            return self.kv(x) * self.fine_kv_scale[:, None, None] + self.fine_kv_shift[:, None, None]
+        return F.batch_norm(
+            self.kv.conv(x), self.fine_kv_mean, self.fine_kv_var, bn.weight, bn.bias, self.training, bn.momentum, bn.eps
+        )
+
+    def track_fine_statistics(self, x: torch.Tensor) -> None:
+        """Update the fine-map BN statistics of the shared K/V conv from x (B, C, H, W); no gradient."""
+        bn = self.kv.bn
+        with torch.no_grad():
+            F.batch_norm(self.kv.conv(x), self.fine_kv_mean, self.fine_kv_var, None, None, True, bn.momentum, bn.eps)
+
+    def forward(self, x: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """Attend from x (B, C, H, W) to up (B, C, ceil(H/2), ceil(W/2)); returns (B, C, H, W)."""
+        B, C, H, W = x.shape
+        Hu, Wu = up.shape[2:]
+        nh, d = self.num_heads, self.head_dim
+        topk = self.active_topk()
+        q = self.q(x).view(B, nh, d, H * W).transpose(-1, -2)  # (B, nh, N, d)
+        kv = self.kv(up)  # (B, 2C, Hu, Wu)
+        k, v = kv.view(B, 2, nh, d, Hu * Wu).transpose(-1, -2).unbind(1)  # (B, nh, M, d) each
+        k_fine = v_fine = None
+        if topk:
+            k_fine, v_fine = self.fine_keys_values(x).view(B, 2, nh, d, H * W).transpose(-1, -2).unbind(1)
+        elif self.training and self.kv_fine is None:
+            self.track_fine_statistics(x)
+        out, out_fine = pyramid_sparse_attention_parts(
+            q, k, v, k_fine, v_fine, (H, W), (Hu, Wu), topk, self.threshold, self.backend
+        )  # (B, nh, N, d) each
+        if out_fine is not None:
+            if self.gate is not None:
+                g = self.gate(torch.cat((out, out_fine), dim=-1)).sigmoid()  # eq. 7
+                out = g * out_fine + (1 - g) * out  # eq. 8
+            else:
+                out = out + out_fine  # eq. 6
+        out = out.transpose(-1, -2).reshape(B, C, H, W)
+        cpe = F.interpolate(self.pe(kv[:, C:]), scale_factor=2.0, mode="nearest")[..., :H, :W]  # (B, C, H, W)
+        return self.proj(out + cpe)

@@ -1,0 +1,167 @@
+"""Attention backends behind one switch: ``naive``, ``sdpa``, ``flash`` (flash-attn) and ``sage`` (SageAttention).
+
+The default comes from the environment variable ``PST_ATTN_BACKEND`` (read once at import, ``auto`` when unset);
+:func:`set_backend` changes it and :func:`use_backend` changes it for a ``with`` block. ``auto`` picks the fastest
+usable kernel for the tensors at hand and falls back to SDPA with one log line; naming a backend that cannot run
+raises a ``RuntimeError`` that says why. While exporting (ONNX tracing, TorchScript, ``torch.compile``) ``auto``
+always means ``sdpa``, which exports as plain MatMul/Softmax.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+LOGGER = logging.getLogger("pst_yolo")
+BACKENDS = ("auto", "naive", "sdpa", "flash", "sage")
+SAGE_HEAD_DIMS = (64, 96, 128)
+
+_default_backend = os.environ.get("PST_ATTN_BACKEND", "auto").lower()
+_fallbacks_logged: set[str] = set()
+
+
+def _check_name(name: str) -> str:
+    name = name.lower()
+    if name not in BACKENDS:
+        raise ValueError(f"Unknown attention backend '{name}'; choose one of {', '.join(BACKENDS)}.")
+    return name
+
+
+def get_backend() -> str:
+    """Return the process-wide default backend name."""
+    return _check_name(_default_backend)
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide default backend (one of ``BACKENDS``)."""
+    global _default_backend
+    _default_backend = _check_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Context manager that sets the default backend for the duration of a ``with`` block."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def is_exporting() -> bool:
+    """True while tracing/scripting/compiling, where only plain PyTorch ops may run."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+
+
+def unusable_reason(name: str, q: torch.Tensor, needs_grad: bool) -> str | None:
+    """Say why backend ``name`` cannot run attention on ``q`` (None when it can)."""
+    if name in ("naive", "sdpa"):
+        return None
+    package = {"flash": "flash_attn", "sage": "sageattention"}[name]
+    if importlib.util.find_spec(package) is None:
+        extra = {"flash": "flash", "sage": "sage"}[name]
+        return f"package '{package}' is not installed (pip install 'pst-yolo[{extra}]')"
+    if q.device.type != "cuda":
+        return f"'{name}' needs a CUDA tensor, got device '{q.device.type}'"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"'{name}' needs float16/bfloat16 inputs, got {q.dtype} (use AMP or .half())"
+    if name == "flash" and torch.cuda.get_device_capability(q.device)[0] < 8:
+        return "'flash' needs an Ampere (sm80) or newer GPU"
+    if name == "sage" and needs_grad:
+        return "'sage' has no backward pass (inference only)"
+    return None
+
+
+def resolve_backend(name: str | None, q: torch.Tensor) -> str:
+    """Turn ``name`` (or the default when None) into a concrete backend usable for ``q``.
+
+    Args:
+        name: A name from ``BACKENDS`` or None for the process default.
+        q: The query tensor the attention will run on (its device/dtype decide what is usable).
+
+    Returns:
+        One of ``naive``, ``sdpa``, ``flash``, ``sage``.
+    """
+    name = _check_name(name or get_backend())
+    needs_grad = torch.is_grad_enabled() and q.requires_grad
+    if name == "auto":
+        if is_exporting() or q.device.type != "cuda":
+            return "sdpa"
+        for candidate in ("flash", "sage"):
+            reason = unusable_reason(candidate, q, needs_grad)
+            if reason is None:
+                return candidate
+            if candidate not in _fallbacks_logged:
+                _fallbacks_logged.add(candidate)
+                LOGGER.info(f"pst_yolo: attention backend '{candidate}' not used: {reason}; falling back to SDPA.")
+        return "sdpa"
+    reason = unusable_reason(name, q, needs_grad)
+    if reason is not None:
+        raise RuntimeError(f"Attention backend '{name}' is not usable: {reason}.")
+    return name
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Explicit ``softmax(q k^T / sqrt(d) + bias) v``; q (B, h, N, d), k/v (B, h, M, d) -> (B, h, N, d)."""
+    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, h, N, M)
+    if bias is not None:
+        logits = logits + bias
+    return logits.softmax(dim=-1) @ v
+
+
+def _flash_attention(q, k, v, return_lse: bool):
+    flash_attn = importlib.import_module("flash_attn")
+    out = flash_attn.flash_attn_func(
+        q.transpose(1, 2).contiguous(),  # (B, N, h, d) layout
+        k.transpose(1, 2).contiguous(),
+        v.transpose(1, 2).contiguous(),
+        softmax_scale=q.shape[-1] ** -0.5,
+        causal=False,
+        return_attn_probs=return_lse,
+    )
+    if return_lse:
+        out, lse = out[0], out[1]  # lse: (B, h, N) fp32
+        return out.transpose(1, 2), lse
+    return out.transpose(1, 2), None
+
+
+def _sage_attention(q, k, v):
+    sageattention = importlib.import_module("sageattention")
+    d = q.shape[-1]
+    padded = next((p for p in SAGE_HEAD_DIMS if p >= d), None)
+    if padded is None:
+        raise RuntimeError(f"'sage' supports head_dim up to {SAGE_HEAD_DIMS[-1]}, got {d}.")
+    q, k, v = (F.pad(t, (0, padded - d)).contiguous() for t in (q, k, v))  # zero-pad: logits and outputs unchanged
+    out = sageattention.sageattn(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=d**-0.5)
+    return out[..., :d]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, return_lse: bool = False):
+    """Dense attention ``softmax(q k^T / sqrt(d)) v`` on a concrete backend.
+
+    Args:
+        q: (B, h, N, d) queries.
+        k: (B, h, M, d) keys.
+        v: (B, h, M, d) values.
+        backend: ``naive``, ``sdpa``, ``flash`` or ``sage`` (see :func:`resolve_backend`).
+        return_lse: Also return the per-row log-sum-exp of the scaled logits, (B, h, N) fp32, where the kernel
+            gives it for free (``flash``); otherwise the second item is None.
+
+    Returns:
+        (out, lse): out (B, h, N, d) in q's dtype, lse as above or None.
+    """
+    if backend == "naive":
+        return naive_attention(q, k, v), None
+    if backend == "flash":
+        return _flash_attention(q, k, v, return_lse)
+    if backend == "sage":
+        return _sage_attention(q, k, v), None
+    # The fused CPU/CUDA SDPA kernels need a contiguous last dimension, else they silently take the math path.
+    return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous()), None

@@ -1,0 +1,217 @@
+"""Pyramid Sparse Attention (paper Section 3.1, eq. 2-5) as pure tensor functions.
+
+Notation: a fine map of H x W tokens (N = H * W) and an upper (coarse) map of Hu x Wu tokens (M = Hu * Wu) with
+Hu = ceil(H / 2) and Wu = ceil(W / 2). Coarse token (i, j) has the fine children (2i + a, 2j + b), a, b in {0, 1};
+children that fall outside an odd-sized fine map are masked out, never clamped.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backends import attention, is_exporting, naive_attention, resolve_backend
+
+DEFAULT_SCORE_CHUNK = 1 << 22  # elements of the (query chunk x M) probability block alive at once (16 MB in fp32)
+
+
+def _query_chunk_rows(q: torch.Tensor, num_keys: int, max_chunk_elements: int) -> int:
+    """Rows of q per chunk so that one (B, h, rows, M) block holds at most ``max_chunk_elements`` elements."""
+    if is_exporting():  # one block: a traced loop would bake the chunk count into the graph
+        return q.shape[2]
+    batch_heads = q.shape[0] * q.shape[1]
+    return max(1, max_chunk_elements // max(1, batch_heads * num_keys))
+
+
+def coarse_key_scores(
+    q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None = None, max_chunk_elements: int = DEFAULT_SCORE_CHUNK
+) -> torch.Tensor:
+    """Eq. 3: mean over queries of ``softmax(q k^T / sqrt(d))``, one probability per key.
+
+    Computed in query chunks: softmax normalises over keys, so summing per-chunk probabilities is exact, and at most
+    a (B, h, rows, M) block with ``B * h * rows * M <= max_chunk_elements`` exists at once.
+
+    Args:
+        q: (B, h, N, d) queries.
+        k: (B, h, M, d) keys.
+        lse: Optional (B, h, N) row log-sum-exp of the scaled logits (from a fused attention kernel); when given the
+            probabilities are ``exp(logits - lse)`` and no softmax is recomputed.
+        max_chunk_elements: Bound on the elements of one probability block.
+
+    Returns:
+        (B, h, M) float32 scores; each (b, h) row sums to 1.
+    """
+    scale = q.shape[-1] ** -0.5
+    n = q.shape[2]
+    rows = _query_chunk_rows(q, k.shape[2], max_chunk_elements)
+    k_t = k.transpose(-2, -1)
+    total = None
+    for start in range(0, n, rows):
+        logits = ((q[:, :, start : start + rows] * scale) @ k_t).float()  # (B, h, rows, M)
+        if lse is None:
+            probs = logits.softmax(dim=-1)
+        else:
+            probs = (logits - lse[:, :, start : start + rows, None].float()).exp()
+        part = probs.sum(dim=2)  # (B, h, M)
+        total = part if total is None else total + part
+    return total / n
+
+
+def coarse_attention_with_scores(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, max_chunk_elements: int = DEFAULT_SCORE_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 2 and eq. 3 together: the coarse output and the per-key scores, without the full N x M matrix.
+
+    ``naive`` fuses both into one chunked pass (each probability block gives output rows and score sums);
+    ``flash`` reuses the kernel's log-sum-exp; other backends run the kernel, then a blocked score pass.
+
+    Args:
+        q: (B, h, N, d) queries; k, v: (B, h, M, d) coarse keys/values.
+        backend: A concrete backend name.
+
+    Returns:
+        out (B, h, N, d) and scores (B, h, M) float32.
+    """
+    if backend == "naive":
+        rows = _query_chunk_rows(q, k.shape[2], max_chunk_elements)
+        outs, total = [], None
+        k_t = k.transpose(-2, -1)
+        for start in range(0, q.shape[2], rows):
+            probs = ((q[:, :, start : start + rows] * q.shape[-1] ** -0.5) @ k_t).softmax(dim=-1)  # (B, h, rows, M)
+            outs.append(probs @ v)
+            part = probs.detach().float().sum(dim=2)
+            total = part if total is None else total + part
+        return torch.cat(outs, dim=2), total / q.shape[2]
+    out, lse = attention(q, k, v, backend, return_lse=backend == "flash")
+    with torch.no_grad():
+        scores = coarse_key_scores(q.detach(), k.detach(), lse=lse, max_chunk_elements=max_chunk_elements)
+    return out, scores
+
+
+def check_pyramid_shapes(fine_hw: tuple[int, int], coarse_hw: tuple[int, int]) -> None:
+    """Raise ValueError unless the coarse grid is ceil(H/2) x ceil(W/2) of the fine grid."""
+    (h, w), (hu, wu) = fine_hw, coarse_hw
+    if (hu, wu) != ((h + 1) // 2, (w + 1) // 2):
+        raise ValueError(
+            f"Pyramid Sparse Attention needs the upper map at half the fine map's size (ceil(H/2) x ceil(W/2)): "
+            f"fine {h}x{w} expects upper {(h + 1) // 2}x{(w + 1) // 2}, got {hu}x{wu}."
+        )
+
+
+def select_fine_tokens(
+    scores: torch.Tensor, fine_hw: tuple[int, int], coarse_hw: tuple[int, int], topk: int, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick the top-k coarse tokens per (batch, head) and map each to its 2x2 fine children.
+
+    Args:
+        scores: (B, h, M) eq. 3 scores.
+        fine_hw: (H, W) of the fine map; coarse_hw: (Hu, Wu) of the upper map.
+        topk: Coarse tokens to keep (capped at M).
+        threshold: Coarse tokens with score <= threshold are dropped.
+
+    Returns:
+        index (B, h, 4k) int64 into the N fine tokens (0 where masked) and valid (B, h, 4k) bool.
+    """
+    h, w = fine_hw
+    wu = coarse_hw[1]
+    k = min(topk, scores.shape[-1])
+    top_scores, top_idx = scores.topk(k, dim=-1, largest=True, sorted=True)  # (B, h, k), deterministic
+    row = top_idx // wu
+    col = top_idx - row * wu  # not idx % wu: exports with dynamic shapes on every ONNX path
+    offsets = torch.tensor([0, 0, 1, 1], device=scores.device), torch.tensor([0, 1, 0, 1], device=scores.device)
+    fine_row = 2 * row.unsqueeze(-1) + offsets[0]  # (B, h, k, 4)
+    fine_col = 2 * col.unsqueeze(-1) + offsets[1]
+    inside = (fine_row < h) & (fine_col < w)
+    valid = inside & (top_scores > threshold).unsqueeze(-1)
+    index = torch.where(inside, fine_row * w + fine_col, torch.zeros_like(fine_row))
+    return index.flatten(-2), valid.flatten(-2)
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gather tokens along dim 2: x (B, h, N, d), index (B, h, T) -> (B, h, T, d)."""
+    return x.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
+
+
+def sparse_fine_attention(
+    q: torch.Tensor, k_fine: torch.Tensor, v_fine: torch.Tensor, index: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """Eq. 4-5: attention of every query over the selected fine tokens; masked tokens get no weight.
+
+    Args:
+        q, k_fine, v_fine: (B, h, N, d).
+        index, valid: (B, h, T) from :func:`select_fine_tokens`.
+
+    Returns:
+        (B, h, N, d); zero for a (batch, head) where no token is valid.
+    """
+    k_sel, v_sel = gather_tokens(k_fine, index), gather_tokens(v_fine, index)  # (B, h, T, d)
+    bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(~valid, torch.finfo(q.dtype).min / 2)
+    out = naive_attention(q, k_sel, v_sel, bias.unsqueeze(2))  # T = 4k keys: a small explicit softmax is fastest
+    return torch.where(valid.any(dim=-1)[..., None, None], out, torch.zeros_like(out))
+
+
+def pyramid_sparse_attention_parts(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_fine: torch.Tensor | None,
+    v_fine: torch.Tensor | None,
+    fine_hw: tuple[int, int],
+    coarse_hw: tuple[int, int],
+    topk: int = 8,
+    threshold: float = 1e-6,
+    backend: str | None = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """O_coarse and O_fine separately (eq. 2 and eq. 5); O_fine is None when topk is 0.
+
+    Arguments as in :func:`pyramid_sparse_attention`; k_fine/v_fine may be None when topk is 0.
+    """
+    if topk < 0:
+        raise ValueError(f"topk must be >= 0, got {topk}.")
+    if not is_exporting():
+        check_pyramid_shapes(fine_hw, coarse_hw)
+        if q.shape[2] != fine_hw[0] * fine_hw[1] or k.shape[2] != coarse_hw[0] * coarse_hw[1]:
+            raise ValueError(f"Token counts {q.shape[2]}/{k.shape[2]} do not match grids {fine_hw}/{coarse_hw}.")
+    backend = resolve_backend(backend, q)
+    if topk == 0:
+        return attention(q, k, v, backend)[0], None
+    out_coarse, scores = coarse_attention_with_scores(q, k, v, backend)
+    index, valid = select_fine_tokens(scores, fine_hw, coarse_hw, topk, threshold)
+    return out_coarse, sparse_fine_attention(q, k_fine, v_fine, index, valid)
+
+
+def pyramid_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_fine: torch.Tensor,
+    v_fine: torch.Tensor,
+    fine_hw: tuple[int, int],
+    coarse_hw: tuple[int, int],
+    topk: int = 8,
+    threshold: float = 1e-6,
+    backend: str | None = "auto",
+) -> torch.Tensor:
+    """Pyramid Sparse Attention: O = O_coarse + O_fine (paper eq. 2-5).
+
+    Args:
+        q: (B, h, N, d) queries from the fine map, N = H * W.
+        k, v: (B, h, M, d) keys/values from the upper map, M = Hu * Wu.
+        k_fine, v_fine: (B, h, N, d) keys/values from the fine map.
+        fine_hw: (H, W); coarse_hw: (Hu, Wu) with Hu = ceil(H/2), Wu = ceil(W/2).
+        topk: Coarse tokens refined per (batch, head); 0 gives coarse attention only, more than M uses all M.
+        threshold: Only coarse tokens whose eq. 3 score exceeds it are refined.
+        backend: ``auto``, ``naive``, ``sdpa``, ``flash``, ``sage`` or None for the process default.
+
+    Returns:
+        (B, h, N, d) attention output.
+
+    Examples:
+        >>> q = k_fine = v_fine = torch.randn(2, 4, 13 * 13, 32)
+        >>> k = v = torch.randn(2, 4, 7 * 7, 32)
+        >>> pyramid_sparse_attention(q, k, v, k_fine, v_fine, (13, 13), (7, 7)).shape
+        torch.Size([2, 4, 169, 32])
+    """
+    out_coarse, out_fine = pyramid_sparse_attention_parts(
+        q, k, v, k_fine, v_fine, fine_hw, coarse_hw, topk, threshold, backend
+    )
+    return out_coarse if out_fine is None else out_coarse + out_fine
