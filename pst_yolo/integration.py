@@ -2,7 +2,7 @@
 
 ``register()`` (run by ``import pst_yolo``) wraps ``ultralytics.nn.tasks.parse_model``: a model YAML without PST rows
 goes straight to the stock parser. With PST rows, each row ``[[fine, upper], n, PST, [c2, mlp_ratio, e, k]]`` is
-first parsed by the stock code as ``[fine, n, Conv, [c2, 1]]``, which gives exactly a stock module's channel
+first parsed by the stock code as ``[fine, n, C2f, [c2]]`` (``PSTFixedWidth``: ``HGBlock``, c2 unscaled), which gives a stock block's channel
 inference (``c1 = ch[fine]``, ``c2`` width-scaled and capped by ``max_channels``, ``n`` depth-scaled). A dry forward
 of that stand-in network reads every layer's output shape, which gives ``c_up = ch[upper]`` and checks that the
 upper map is half the fine map; then each stand-in is swapped for the real :class:`~pst_yolo.nn.PST`.
@@ -17,9 +17,10 @@ import torch
 import torch.nn as nn
 import ultralytics
 from ultralytics.nn import tasks
-from ultralytics.nn.modules import Conv, HGBlock
+from ultralytics.nn.modules import C2f, Conv, HGBlock
 from ultralytics.utils import LOGGER
 
+from .configs import find_model_config
 from .nn import PST, PSAttn, PSAttnBlock
 
 PLUGIN_MODULES = {"PST": PST, "PSTFixedWidth": PST}  # PSTFixedWidth: c2 taken as is, never width-scaled
@@ -44,7 +45,7 @@ def _plugin_rows(d: dict) -> list[int]:
 
 
 def _stand_in_dict(d: dict, rows: list[int]) -> dict:
-    """A deep copy of the YAML dict with every PST row replaced by a stock Conv row reading the fine map."""
+    """A deep copy of the YAML dict with every PST row replaced by a stock stand-in row reading the fine map."""
     d = copy.deepcopy(d)
     layers = d["backbone"] + d["head"]
     for i in rows:
@@ -60,8 +61,8 @@ def _stand_in_dict(d: dict, rows: list[int]) -> dict:
                 )
         if not args:
             raise PluginBuildError(f"YAML layer {i}: PST args must start with c2, e.g. [512, 2.0, 0.5].")
-        if row_module == "PST":  # stock Conv channel inference: c2 width-scaled and capped like any stock module
-            layers[i][:] = [f[0], n, "Conv", [args[0], 1]]
+        if row_module == "PST":  # stock C2f(c1, c2, n): c2 width-scaled and capped, n depth-scaled, like stock blocks
+            layers[i][:] = [f[0], n, "C2f", [args[0]]]
         else:  # stock HGBlock(c1, cm, c2, k, n) keeps c2 as given; cm=8, k=1 keep the throw-away stand-in cheap
             layers[i][:] = [f[0], n, "HGBlock", [8, args[0], 1]]
     return d
@@ -82,15 +83,14 @@ def _layer_output_shapes(layers: nn.Sequential, ch: int) -> list[torch.Size]:
 
 
 def _build_pst(stand_in: nn.Module, row: list, index: int, shapes: list) -> nn.Module:
-    """Replace the stand-in of layer ``index`` (Conv, Sequential of Convs, or HGBlock) with the real PST."""
+    """Replace the stand-in of layer ``index`` (a stock C2f or HGBlock) with the real PST."""
     f, _, _, args = row
-    if isinstance(stand_in, HGBlock):
+    if type(stand_in) is HGBlock:
         c1, c2, n = stand_in.m[0].conv.in_channels, stand_in.ec.conv.out_channels, len(stand_in.m)
+    elif type(stand_in) is C2f:
+        c1, c2, n = stand_in.cv1.conv.in_channels, stand_in.cv2.conv.out_channels, len(stand_in.m)
     else:
-        convs = list(stand_in) if isinstance(stand_in, nn.Sequential) else [stand_in]
-        if not all(type(c) is Conv for c in convs):
-            raise _incompatible(f"the stand-in of PST layer {index} was not built as a stock Conv")
-        c1, c2, n = convs[0].conv.in_channels, convs[0].conv.out_channels, len(convs)
+        raise _incompatible(f"the stand-in of PST layer {index} was built as {type(stand_in).__name__}")
     fine, upper = (shapes[j % index] for j in f)
     if upper is None or fine is None:
         raise PluginBuildError(f"YAML layer {index}: PST inputs {f} must be single feature maps.")
@@ -141,14 +141,23 @@ def fuse_with_fine_norm(stock_fuse, self, *args, **kwargs):
     return stock_fuse(self, *args, **kwargs)
 
 
+def check_yaml_with_plugin_configs(stock_check_yaml, file, *args, **kwargs):
+    """``check_yaml`` that also finds pst_yolo's shipped model YAMLs by short name (e.g. ``yolo11n-pst.yaml``)."""
+    found = stock_check_yaml(file, *args, **{**kwargs, "hard": False})
+    if found:
+        return found
+    shipped = find_model_config(file)
+    return str(shipped) if shipped else stock_check_yaml(file, *args, **kwargs)
+
+
 def register() -> None:
     """Make Ultralytics build, fuse and safely load PST models. Idempotent."""
     if getattr(tasks.parse_model, "_pst_yolo", False):
         return
     if not callable(getattr(tasks, "parse_model", None)) or not hasattr(tasks.BaseModel, "fuse"):
         raise _incompatible("ultralytics.nn.tasks.parse_model or BaseModel.fuse is missing")
-    if getattr(tasks, "Conv", None) is not Conv or getattr(tasks, "HGBlock", None) is not HGBlock:
-        raise _incompatible("ultralytics.nn.tasks does not resolve 'Conv'/'HGBlock' to the stock modules")
+    if any(getattr(tasks, m.__name__, None) is not m for m in (C2f, Conv, HGBlock)):
+        raise _incompatible("ultralytics.nn.tasks does not resolve 'C2f'/'Conv'/'HGBlock' to the stock modules")
     for name, module in PLUGIN_MODULES.items():
         setattr(tasks, name, module)  # YAML names resolve through the globals of ultralytics.nn.tasks
     parse = functools.wraps(tasks.parse_model)(functools.partial(parse_model_with_plugins, tasks.parse_model))
@@ -156,5 +165,8 @@ def register() -> None:
     tasks.parse_model = parse
     stock_fuse = tasks.BaseModel.fuse
     tasks.BaseModel.fuse = functools.wraps(stock_fuse)(lambda self, *a, **k: fuse_with_fine_norm(stock_fuse, self, *a, **k))
+    if not callable(getattr(tasks, "check_yaml", None)):
+        raise _incompatible("ultralytics.nn.tasks.check_yaml is missing")
+    tasks.check_yaml = functools.wraps(tasks.check_yaml)(functools.partial(check_yaml_with_plugin_configs, tasks.check_yaml))
     if hasattr(torch.serialization, "add_safe_globals"):
         torch.serialization.add_safe_globals(list(SAFE_GLOBALS))

@@ -38,6 +38,8 @@ class PSAttn(nn.Module):
         torch.Size([1, 64, 13, 13])
     """
 
+    topk_override: int | None = None  # process-wide top-k set by override_topk() (the CLI's topk=K)
+
     def __init__(
         self,
         dim: int,
@@ -66,9 +68,18 @@ class PSAttn(nn.Module):
         self.register_buffer("fine_kv_scale", torch.ones(2 * dim))
         self.register_buffer("fine_kv_shift", torch.zeros(2 * dim))
 
+    @classmethod
+    def override_topk(cls, k: int | None) -> None:
+        """Force top-k ``k`` on every PSAttn of the process (models loaded later included); None restores each own."""
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise ValueError(f"topk must be a non-negative integer, got {k!r}.")
+        cls.topk_override = k
+
     def active_topk(self) -> int:
         """Top-k used by the next forward: ``topk`` in eval (or with ``fine_in_training``), else 0."""
-        return self.topk if (not self.training or self.fine_in_training) else 0
+        if self.training and not self.fine_in_training:
+            return 0
+        return self.topk if self.topk_override is None else self.topk_override
 
     def fold_fine_norm(self) -> None:
         """Store the fine-statistics BN as an affine on the coarse-normalised K/V, before kv's BN is fused away.

@@ -1,0 +1,60 @@
+"""``pst-yolo`` / ``python -m pst_yolo``: the stock ``yolo`` command plus pst-yolo's keys and tools.
+
+    pst-yolo val model=best.pt data=data.yaml topk=8        # any `yolo` command; topk=K sets the PSA top-k
+    pst-yolo export model=best.pt format=onnx topk=0 attn_backend=sdpa
+    pst-yolo demo | bench | heatmap | convert | sizes ...   # pst-yolo tools (each takes -h)
+
+``topk=K`` (0 = coarse attention only) applies to every PSA module of the loaded model for val/predict/export (and
+to the validation passes of train); ``attn_backend=`` picks auto|naive|sdpa|flash|sage. Other keys go to ``yolo``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+TOOLS = {  # subcommand -> module with main(argv)
+    "demo": "pst_yolo.demo",
+    "bench": "pst_yolo.benchmark",
+    "heatmap": "pst_yolo.heatmap",
+    "convert": "pst_yolo.convert",
+    "sizes": "pst_yolo.model_sizes",
+}
+
+
+def split_plugin_args(args: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Separate pst-yolo keys (``topk=``, ``attn_backend=``) from the arguments meant for ``yolo``."""
+    ours, rest = {}, []
+    for a in args:
+        key, sep, value = a.lstrip("-").partition("=")
+        if sep and key in ("topk", "attn_backend"):
+            ours[key] = value
+        else:
+            rest.append(a)
+    return ours, rest
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run a pst-yolo tool, or the stock Ultralytics entrypoint with pst-yolo's keys applied."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in TOOLS:
+        importlib.import_module(TOOLS[args[0]]).main(args[1:])
+        return
+    ours, rest = split_plugin_args(args)
+    import pst_yolo
+    from ultralytics.cfg import entrypoint
+
+    if "topk" in ours:
+        try:
+            topk = int(ours["topk"])
+        except ValueError:
+            raise SystemExit(f"pst-yolo: topk must be a non-negative integer, got '{ours['topk']}'.") from None
+        pst_yolo.PSAttn.override_topk(topk)
+    if "attn_backend" in ours:
+        pst_yolo.set_backend(ours["attn_backend"])
+    sys.argv[:] = ["yolo", *rest]  # Ultralytics reads its own alias of sys.argv
+    entrypoint()
+
+
+if __name__ == "__main__":
+    main()

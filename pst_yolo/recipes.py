@@ -1,0 +1,50 @@
+"""The paper's training recipes (Table 5) as Ultralytics cfg override files.
+
+Each recipe is a YAML of Ultralytics train arguments, without ``model``, ``data``, ``task`` or ``mode``, meant for
+``yolo train cfg=PATH model=... data=...`` or ``YOLO(model).train(cfg=PATH, data=...)``.
+
+Examples:
+    >>> from pst_yolo.recipes import load_recipe, recipe_path
+    >>> recipe_path("det-n").name
+    'pst-det-n.yaml'
+    >>> load_recipe("cls")["lr0"]
+    0.2
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+RECIPES = {"det-n": "pst-det-n.yaml", "det-s": "pst-det-s.yaml", "det-m": "pst-det-m.yaml", "cls": "pst-cls.yaml"}
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+# An installed wheel maps the repository's cfg/ to pst_yolo/cfg/; a checkout (or editable install) has cfg/ beside
+# the package.
+_SEARCH_DIRS = (_PACKAGE_DIR / "cfg" / "recipes", _PACKAGE_DIR.parent / "cfg" / "recipes")
+
+
+def recipe_path(name: str) -> Path:
+    """Path of the recipe YAML called ``name`` ('det-n', 'det-s', 'det-m' or 'cls').
+
+    Raises:
+        FileNotFoundError: ``name`` is not a recipe, or its file is missing from this installation.
+    """
+    filename = RECIPES.get(name)
+    if filename is None:
+        raise FileNotFoundError(f"unknown PST recipe {name!r}; valid names are {sorted(RECIPES)}")
+    for directory in _SEARCH_DIRS:
+        path = directory / filename
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"PST recipe {name!r} ({filename}) not found in {[str(d) for d in _SEARCH_DIRS]}; "
+        f"valid names are {sorted(RECIPES)}"
+    )
+
+
+def load_recipe(name: str) -> dict:
+    """The recipe ``name`` as a dict of Ultralytics train arguments (see ``recipe_path``)."""
+    with open(recipe_path(name), encoding="utf-8") as f:
+        return yaml.safe_load(f)
