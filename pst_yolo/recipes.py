@@ -17,12 +17,11 @@ from pathlib import Path
 
 import yaml
 
+from .configs import CFG_DIR
+
 RECIPES = {"det-n": "pst-det-n.yaml", "det-s": "pst-det-s.yaml", "det-m": "pst-det-m.yaml", "cls": "pst-cls.yaml"}
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
-# An installed wheel maps the repository's cfg/ to pst_yolo/cfg/; a checkout (or editable install) has cfg/ beside
-# the package.
-_SEARCH_DIRS = (_PACKAGE_DIR / "cfg" / "recipes", _PACKAGE_DIR.parent / "cfg" / "recipes")
+RECIPES_DIR = CFG_DIR / "recipes"
 
 
 def recipe_path(name: str) -> Path:
@@ -34,14 +33,10 @@ def recipe_path(name: str) -> Path:
     filename = RECIPES.get(name)
     if filename is None:
         raise FileNotFoundError(f"unknown PST recipe {name!r}; valid names are {sorted(RECIPES)}")
-    for directory in _SEARCH_DIRS:
-        path = directory / filename
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f"PST recipe {name!r} ({filename}) not found in {[str(d) for d in _SEARCH_DIRS]}; "
-        f"valid names are {sorted(RECIPES)}"
-    )
+    path = RECIPES_DIR / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"PST recipe {name!r} ({filename}) is missing from {RECIPES_DIR}.")
+    return path
 
 
 def load_recipe(name: str) -> dict:
