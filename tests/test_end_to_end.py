@@ -1,0 +1,110 @@
+"""End to end through the stock ``yolo`` CLI on a tiny offline dataset of real images (slow)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from ultralytics.utils import ASSETS
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "YOLO_OFFLINE": "true", "YOLO_AUTOINSTALL": "false", "YOLO_VERBOSE": "true"}
+pytestmark = pytest.mark.slow
+
+
+def make_dataset(root: Path, n_train=8, n_val=4, size=128) -> Path:
+    """Scenes cut from bus.jpg with a zidane.jpg patch pasted in (class 0) and a flipped bus patch (class 1)."""
+    rng = np.random.default_rng(0)
+    bus, zidane = cv2.imread(str(ASSETS / "bus.jpg")), cv2.imread(str(ASSETS / "zidane.jpg"))
+    for split, count in (("train", n_train), ("val", n_val)):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "labels").mkdir(parents=True)
+        for i in range(count):
+            y, x = rng.integers(0, bus.shape[0] - size), rng.integers(0, bus.shape[1] - size)
+            scene = bus[y : y + size, x : x + size].copy()
+            labels = []
+            for cls, source in ((0, zidane), (1, cv2.flip(bus, 1))):
+                w, h = rng.integers(24, 56, size=2)
+                patch = cv2.resize(source, (int(w), int(h)))
+                px, py = rng.integers(0, size - w), rng.integers(0, size - h)
+                scene[py : py + h, px : px + w] = patch
+                labels.append(f"{cls} {(px + w / 2) / size:.6f} {(py + h / 2) / size:.6f} {w / size:.6f} {h / size:.6f}")
+            cv2.imwrite(str(root / split / "images" / f"{i}.jpg"), scene)
+            (root / split / "labels" / f"{i}.txt").write_text("\n".join(labels) + "\n")
+    data = root / "data.yaml"
+    data.write_text(f"path: {root}\ntrain: train/images\nval: val/images\nnames:\n  0: person\n  1: bus\n")
+    return data
+
+
+def yolo(*args, cwd, exe="yolo"):
+    result = subprocess.run([str(BIN / exe), *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{exe} {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result.stdout + result.stderr
+
+
+RAW_OUTPUTS = """
+    import sys, torch
+    from ultralytics import YOLO
+    import pst_yolo
+    model = YOLO(sys.argv[1]).model.float().eval()
+    x = torch.load(sys.argv[2])
+    outs = {}
+    for k in (0, 8):
+        pst_yolo.set_topk(model, k)
+        outs[k] = model(x)[0]
+    torch.save(outs, sys.argv[3])
+"""
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    data = make_dataset(root / "data")
+    yolo("train", "model=yolo11n-pst.yaml", f"data={data}", "epochs=2", "imgsz=96", "batch=4", "workers=0",
+         "device=cpu", "plots=False", f"project={root / 'runs'}", "name=train", "seed=0", cwd=root)
+    best = root / "runs" / "train" / "weights" / "best.pt"
+    assert best.exists()
+    return root, data, best
+
+
+def test_val_rect_and_odd_size(trained):
+    root, data, best = trained
+    out = yolo("val", f"model={best}", f"data={data}", "imgsz=100", "rect=True", "batch=2", "workers=0", "device=cpu", cwd=root)
+    assert "all" in out
+
+
+def test_predict_bus_and_topk_key(trained):
+    root, _, best = trained
+    yolo("predict", f"model={best}", f"source={ASSETS / 'bus.jpg'}", "imgsz=200", f"project={root / 'runs'}", "name=pred", cwd=root)
+    assert (root / "runs" / "pred" / "bus.jpg").exists()
+    out = yolo("predict", f"model={best}", f"source={ASSETS / 'bus.jpg'}", "imgsz=160", "topk=0", "save=False", cwd=root, exe="pst-yolo")
+    assert "bus.jpg" in out
+
+
+def test_reload_in_fresh_process_is_deterministic_and_fine_attention_matters(trained):
+    root, _, best = trained
+    image = cv2.resize(cv2.imread(str(ASSETS / "bus.jpg")), (160, 224))[..., ::-1]
+    x = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 255  # (1, 3, 224, 160): P5 is 7x5
+    torch.save(x, root / "x.pt")
+    runs = []
+    for i in range(2):
+        out_file = root / f"raw{i}.pt"
+        result = subprocess.run([sys.executable, "-c", textwrap.dedent(RAW_OUTPUTS), str(best), str(root / "x.pt"), str(out_file)],
+                                env=ENV, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs.append(torch.load(out_file))
+    for k in (0, 8):
+        assert torch.equal(runs[0][k], runs[1][k]), f"topk={k} differs between processes"
+    assert not torch.equal(runs[0][0], runs[0][8]), "fine attention (topk=8) must change the output"
+
+
+def test_stock_export_onnx(trained):
+    pytest.importorskip("onnx")
+    root, _, best = trained
+    out = yolo("export", f"model={best}", "format=onnx", "imgsz=96", cwd=root)
+    assert best.with_suffix(".onnx").exists(), out[-2000:]
