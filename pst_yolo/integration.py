@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 
 import torch
 import torch.nn as nn
@@ -106,14 +107,30 @@ def _build_pst(stand_in: nn.Module, row: list, index: int, shapes: list) -> nn.M
         raise PluginBuildError(f"YAML layer {index}: {e}") from e
     module.np = sum(p.numel() for p in module.parameters())
     module.i, module.f, module.type = index, f, f"{PST.__module__}.{PST.__name__}"
+    module.args = [c1, upper[1], c2, n, *args[1:]]  # resolved constructor arguments, for the layer table
     return module
 
 
-def _log_summary(layers: nn.Sequential, d: dict) -> None:
-    """Print the layer table, as the stock parser does, with the real PST rows."""
-    LOGGER.info(f"\n{'':>3}{'from':>20}{'n':>3}{'params':>10}  {'module':<45}{'arguments':<30}")
-    for m, (_, n, _, args) in zip(layers, d["backbone"] + d["head"]):
-        LOGGER.info(f"{m.i:>3}{m.f!s:>20}{n:>3}{m.np:10.0f}  {m.type:<45}{args!s:<30}")
+class _HeldLogRecords(logging.Filter):
+    """Logging filter that holds back every record, to re-emit the stock layer table once PST rows are real."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def filter(self, record):
+        self.records.append(record)
+        return False
+
+
+def _emit_layer_table(records: list, layers: nn.Sequential, rows: list[int]) -> None:
+    """Re-log the stock parser's table, with each stand-in row replaced by its PST row (same column layout)."""
+    for record in records:
+        index = record.getMessage()[:3].strip()
+        if index.isdigit() and int(index) in rows:
+            m = layers[int(index)]
+            record.msg, record.args = f"{m.i:>3}{m.f!s:>20}{len(m.blocks):>3}{m.np:10.0f}  {m.type:<45}{m.args!s:<30}", None
+        LOGGER.handle(record)
 
 
 def parse_model_with_plugins(stock_parse_model, d, ch, verbose=True):
@@ -121,15 +138,19 @@ def parse_model_with_plugins(stock_parse_model, d, ch, verbose=True):
     rows = _plugin_rows(d)
     if not rows:
         return stock_parse_model(d, ch, verbose)
-    layers, save = stock_parse_model(_stand_in_dict(d, rows), ch, verbose=False)
+    held = _HeldLogRecords()  # the stand-in rows' table lines are fixed before they are shown
+    LOGGER.addFilter(held)
+    try:
+        layers, save = stock_parse_model(_stand_in_dict(d, rows), ch, verbose)
+    finally:
+        LOGGER.removeFilter(held)
     shapes = _layer_output_shapes(layers, ch)
     table = d["backbone"] + d["head"]
     for i in rows:
         layers[i] = _build_pst(layers[i], table[i], i, shapes)
         save.extend(j % i for j in table[i][0] if j != -1)
     layers.train()
-    if verbose:
-        _log_summary(layers, d)
+    _emit_layer_table(held.records, layers, rows)
     return layers, sorted(set(save))
 
 

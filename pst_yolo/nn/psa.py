@@ -28,7 +28,8 @@ class PSAttn(nn.Module):
         q (Conv): 1x1 conv + BN, fine map -> queries.
         kv (Conv): 1x1 conv + BN, shared K/V projection (channels: K then V, each grouped per head).
         kv_fine (Conv | None): Unshared fine K/V projection (ablation ``shared_fine_kv=False``).
-        pe (Conv): 7x7 depthwise conv + BN on the coarse V, upsampled to the fine size (CPE).
+        pe (Conv): 7x7 depthwise conv + BN on the coarse V, upsampled bilinearly to the fine size (CPE), as the
+            authors' code does.
         proj (Conv): 1x1 conv + BN output projection.
         gate (nn.Linear | None): Self-gating of eq. 7-8 (ablation ``gate=True``), shared by all heads.
 
@@ -136,5 +137,5 @@ class PSAttn(nn.Module):
             else:
                 out = out + out_fine  # eq. 6
         out = out.transpose(-1, -2).reshape(B, C, H, W)
-        cpe = F.interpolate(self.pe(kv[:, C:]), scale_factor=2.0, mode="nearest")[..., :H, :W]  # (B, C, H, W)
+        cpe = F.interpolate(self.pe(kv[:, C:]), size=(H, W), mode="bilinear", align_corners=False)  # (B, C, H, W)
         return self.proj(out + cpe)
