@@ -108,3 +108,28 @@ def test_stock_export_onnx(trained):
     root, _, best = trained
     out = yolo("export", f"model={best}", "format=onnx", "imgsz=96", cwd=root)
     assert best.with_suffix(".onnx").exists(), out[-2000:]
+
+
+def test_ddp_entry_file_trains_in_fresh_interpreter(trained):
+    """Run the file Ultralytics 8.4 writes for DDP workers (they unpickle the model) in a fresh interpreter, on CPU.
+
+    The plugin's start-up hook is switched off: unpickling the model alone must bring pst_yolo in. (8.3.x workers
+    rebuild from the YAML instead, which the stock `yolo train` run above covers through the start-up hook.)
+    """
+    from ultralytics.models.yolo.detect import DetectionTrainer
+    from ultralytics.utils.dist import generate_ddp_file
+
+    root, data, _ = trained
+    overrides = dict(model="yolo11n-pst.yaml", data=str(data), epochs=1, imgsz=64, batch=4, workers=0, device="cpu",
+                     plots=False, project=str(root / "runs"), name="ddp", exist_ok=True, verbose=False)
+    trainer = DetectionTrainer(overrides=overrides)
+    trainer.model = trainer.get_model(cfg="yolo11n-pst.yaml", verbose=False)
+    entry = Path(generate_ddp_file(trainer))
+    try:
+        env = {**ENV, "PST_YOLO_DISABLE_HOOK": "1"}
+        result = subprocess.run([sys.executable, str(entry)], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-5000:]
+        assert (root / "runs" / "ddp" / "weights" / "last.pt").exists()
+    finally:
+        entry.unlink()
+        entry.with_suffix(".pt").unlink()

@@ -141,3 +141,13 @@ def test_ddp_state_file_unpickles_in_fresh_interpreter(tmp_path):
 def test_cli_splits_plugin_keys():
     ours, rest = split_plugin_args(["val", "model=a.pt", "topk=0", "attn_backend=naive", "imgsz=320"])
     assert ours == {"topk": "0", "attn_backend": "naive"} and rest == ["val", "model=a.pt", "imgsz=320"]
+
+
+def test_python_m_entrypoint_and_bad_topk():
+    import ultralytics
+
+    env = {**ENV, "YOLO_VERBOSE": "true"}
+    result = subprocess.run([sys.executable, "-m", "pst_yolo", "version"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and ultralytics.__version__ in result.stdout + result.stderr
+    result = subprocess.run([sys.executable, "-m", "pst_yolo", "val", "topk=eight"], env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "topk must be a non-negative integer" in result.stderr
