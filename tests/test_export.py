@@ -1,0 +1,417 @@
+"""Export of PST models: ONNX graphs and onnxruntime parity, the real CLI, TensorRT checks, TorchScript.
+
+Models are the shipped ``yolo11n-pst.yaml`` (detection) and ``yolo11n-cls-pst.yaml`` (classification) with every
+conv re-initialised and their BatchNorm statistics (fine K/V statistics included) calibrated on Ultralytics' two
+bundled images, then saved as checkpoints with ``YOLO.save``: activations are O(1) and the fine attention changes
+the outputs (asserted), so parity checks see the fine branch. Exports go through Ultralytics' own exporter with the
+process-wide top-k override the ``pst-yolo ... topk=K`` CLI uses; references are the fused eval PyTorch model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from ultralytics import YOLO
+from ultralytics.data.augment import LetterBox
+from ultralytics.nn.modules import Detect
+from ultralytics.utils import ASSETS
+
+from pst_yolo import PSAttn, set_topk
+from pst_yolo.tensorrt_check import check_tensorrt_compatible
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+IMAGES = ("bus.jpg", "zidane.jpg")
+IMGSZ = 320
+CLS_IMGSZ = 224
+ATOL = 1e-4  # fp32; detection boxes are compared in units of the input size (pixels / max(H, W))
+RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
+BIN = Path(sys.executable).parent
+
+
+def letterboxed(name: str, hw: tuple[int, int]) -> torch.Tensor:
+    """Ultralytics' bundled image ``name`` letterboxed to hw as predict does (no rect): (1, 3, H, W) RGB in [0, 1]."""
+    import cv2
+
+    image = LetterBox(hw, auto=False)(image=cv2.imread(str(ASSETS / name)))
+    return torch.from_numpy(image[..., ::-1].transpose(2, 0, 1).copy()).float()[None] / 255
+
+
+def wake_up(model: nn.Module, batch: torch.Tensor) -> None:
+    """Re-initialise every conv and calibrate every BatchNorm (and PSA fine-K/V statistics) on ``batch`` (B, 3, H, W).
+
+    BatchNorm gains are set to 0.3: with unit gains a random network calibrated this way amplifies fp32 rounding
+    about a thousandfold (fp32 and fp64 PyTorch differ by ~1e-3); at 0.3 they differ by ~1e-6, as for trained weights,
+    while the fine attention still moves the outputs by ~0.2. The detection head's class biases are zeroed so that
+    class scores spread around 0.5 instead of ~1e-4.
+    """
+    torch.manual_seed(0)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.reset_parameters()
+    for m in norms:
+        m.reset_running_stats()
+        nn.init.constant_(m.weight, 0.3)
+        m.momentum = 1.0  # running statistics := statistics of this one batch
+    with torch.no_grad():
+        model.train()(batch)
+    for m in norms:
+        m.momentum = 0.03
+    for m in model.modules():
+        if isinstance(m, Detect):
+            for branch in m.cv3:
+                nn.init.zeros_(branch[-1].bias)
+    model.eval()
+
+
+@contextlib.contextmanager
+def topk_override(k: int | None):
+    """Force top-k ``k`` on every PSA module (what ``pst-yolo ... topk=K`` does) inside the block."""
+    PSAttn.override_topk(k)
+    try:
+        yield
+    finally:
+        PSAttn.override_topk(None)
+
+
+def reference_model(checkpoint: Path, k: int) -> nn.Module:
+    """The fused fp32 eval PyTorch model of ``checkpoint`` with top-k ``k``."""
+    model = YOLO(str(checkpoint)).model.float().fuse().eval()
+    set_topk(model, k)
+    return model
+
+
+def torch_output(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        y = model(x)
+    return (y[0] if isinstance(y, (list, tuple)) else y).numpy()
+
+
+def ort_output(path: str | Path, x: torch.Tensor) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def max_abs_diff(reference: np.ndarray, output: np.ndarray, task: str, size: int) -> float:
+    """Largest |difference|: detection boxes (first 4 rows) divided by the input size, class probabilities as logs."""
+    reference, output = reference.astype(np.float64), output.astype(np.float64)
+    if task == "classify":  # softmax over 1000 classes: probabilities ~1e-3, compare log-probabilities
+        reference, output = np.log(reference), np.log(output)
+    diff = np.abs(reference - output)
+    if task == "detect":
+        diff[:, :4] /= size
+    return float(diff.max())
+
+
+def assert_matches_torch(checkpoint: Path, k: int, x: torch.Tensor, exported: np.ndarray, task: str, label: str):
+    """The exported output matches fp32 PyTorch within ``ATOL`` and is as close to an fp64 PyTorch reference as fp32
+    PyTorch is (flash-attention's rule: at most twice its error, plus 1e-6). Prints the numbers (``pytest -s``) that
+    docs/EXPORT.md reports.
+    """
+    size = max(x.shape[2:])
+    fp32 = torch_output(reference_model(checkpoint, k), x)
+    fp64 = torch_output(reference_model(checkpoint, k).double(), x.double())
+    torch_error, export_error = max_abs_diff(fp64, fp32, task, size), max_abs_diff(fp64, exported, task, size)
+    vs_fp32 = max_abs_diff(fp32, exported, task, size)
+    print(f"\n[parity] {label} k={k} {tuple(x.shape)}: max|export - torch fp32| = {vs_fp32:.2e}; vs fp64: export "
+          f"{export_error:.2e}, torch fp32 {torch_error:.2e}")
+    assert vs_fp32 < ATOL
+    assert export_error <= 2 * torch_error + 1e-6, (export_error, torch_error)
+
+
+def assert_standard_graph(path: str | Path, k: int) -> None:
+    """Fine selection as TopK + GatherElements iff k > 0; no random ops, no custom domains, TensorRT-parsable."""
+    model = onnx.load(str(path))
+    ops = Counter(node.op_type for node in model.graph.node)
+    assert (ops["TopK"] > 0) == (k > 0), ops
+    assert (ops["GatherElements"] + ops["Gather"] > 0) if k else ops["GatherElements"] == 0, ops
+    assert not RANDOM_OPS & set(ops), ops
+    assert {node.domain for node in model.graph.node} <= {"", "ai.onnx"}
+    assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
+    assert check_tensorrt_compatible(path) == []
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("export")
+
+
+@pytest.fixture(scope="module")
+def detect_images() -> dict[tuple[int, int], torch.Tensor]:
+    """Both bundled images letterboxed to each tested size, as a (2, 3, H, W) batch per size."""
+    return {hw: torch.cat([letterboxed(n, hw) for n in IMAGES]) for hw in ((IMGSZ, IMGSZ), (352, 288))}
+
+
+def _woken_checkpoint(yaml_name: str, batch: torch.Tensor, path: Path) -> Path:
+    model = YOLO(yaml_name)
+    wake_up(model.model, batch)
+    model.save(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def detect_pt(workdir, detect_images) -> Path:
+    return _woken_checkpoint("yolo11n-pst.yaml", detect_images[(IMGSZ, IMGSZ)], workdir / "yolo11n-pst.pt")
+
+
+@pytest.fixture(scope="module")
+def cls_batch() -> torch.Tensor:
+    return torch.cat([letterboxed(n, (CLS_IMGSZ, CLS_IMGSZ)) for n in IMAGES])
+
+
+@pytest.fixture(scope="module")
+def cls_pt(workdir, cls_batch) -> Path:
+    return _woken_checkpoint("yolo11n-cls-pst.yaml", cls_batch, workdir / "yolo11n-cls-pst.pt")
+
+
+@pytest.fixture(scope="module")
+def exported(workdir):
+    """``exported(checkpoint, k, format=..., **kwargs)``: export once per argument set (cached for the module)."""
+    cache = {}
+
+    def export(checkpoint: Path, k: int, format: str = "onnx", **kwargs) -> Path:
+        key = (checkpoint.name, k, format, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            tag = "-".join(f"{name}{value}" for name, value in sorted(kwargs.items()))
+            copy = shutil.copy(checkpoint, workdir / f"{checkpoint.stem}-k{k}-{format}-{tag}.pt")
+            with topk_override(k):
+                cache[key] = Path(YOLO(str(copy)).export(format=format, **kwargs))
+        return cache[key]
+
+    return export
+
+
+def test_fine_attention_changes_outputs(detect_pt, detect_images):
+    model = reference_model(detect_pt, 0)
+    x = detect_images[(IMGSZ, IMGSZ)]
+    coarse = torch_output(model, x)
+    set_topk(model, 8)
+    assert max_abs_diff(coarse, torch_output(model, x), "detect", IMGSZ) > 1e-2
+
+
+@pytest.mark.parametrize("k", [0, 8])
+@pytest.mark.parametrize("dynamic, simplify", [(False, True), (True, True), (True, False)])
+def test_detect_onnx_graph(detect_pt, exported, k, dynamic, simplify):
+    assert_standard_graph(exported(detect_pt, k, imgsz=IMGSZ, dynamic=dynamic, simplify=simplify), k)
+
+
+@pytest.mark.parametrize("k", [0, 8])
+def test_detect_onnx_matches_torch(detect_pt, detect_images, exported, k):
+    path = exported(detect_pt, k, imgsz=IMGSZ, dynamic=False, simplify=True)
+    for x in detect_images[(IMGSZ, IMGSZ)].split(1):  # the static graph has batch 1
+        assert_matches_torch(detect_pt, k, x, ort_output(path, x), "detect", "ONNX static detect")
+
+
+@pytest.mark.parametrize("k", [0, 8])
+def test_detect_dynamic_onnx_matches_torch(detect_pt, detect_images, exported, k):
+    """One dynamic graph at 320x320 and at 352x288 (not multiples of 64), batch 2."""
+    path = exported(detect_pt, k, imgsz=IMGSZ, dynamic=True, simplify=True)
+    for x in detect_images.values():
+        assert_matches_torch(detect_pt, k, x, ort_output(path, x), "detect", "ONNX dynamic detect")
+
+
+def test_dynamic_onnx_k_independent_of_export_size(detect_pt, exported):
+    """A dynamic graph exported at 64 px (upper P5 map: 2x2 < k tokens) keeps k = 8 and runs at 64 and 320 px."""
+    path = exported(detect_pt, 8, imgsz=64, dynamic=True, simplify=True)
+    for hw in ((64, 64), (IMGSZ, IMGSZ)):
+        x = letterboxed("bus.jpg", hw)
+        assert_matches_torch(detect_pt, 8, x, ort_output(path, x), "detect", "ONNX dynamic (exported at 64) detect")
+
+
+def test_predict_onnx_gives_pt_boxes(detect_pt, exported):
+    """``YOLO(best.onnx).predict`` (dynamic graph, rectangular letterbox) finds the boxes ``YOLO(best.pt)`` finds."""
+    path = exported(detect_pt, 8, imgsz=IMGSZ, dynamic=True, simplify=True)
+    sources = [str(ASSETS / n) for n in IMAGES]
+    kwargs = {"imgsz": IMGSZ, "conf": 0.6, "verbose": False}
+    onnx_model = YOLO(str(path), task="detect")
+    results = zip(YOLO(str(detect_pt)).predict(sources, **kwargs), onnx_model.predict(sources, **kwargs))
+    found = 0
+    for ours, theirs in results:
+        found += len(ours.boxes)
+        assert len(ours.boxes) == len(theirs.boxes)
+        np.testing.assert_array_equal(ours.boxes.cls.numpy(), theirs.boxes.cls.numpy())
+        np.testing.assert_allclose(ours.boxes.xyxy.numpy(), theirs.boxes.xyxy.numpy(), atol=0.01)  # pixels
+        np.testing.assert_allclose(ours.boxes.conf.numpy(), theirs.boxes.conf.numpy(), atol=1e-5)
+    assert found > 0
+
+
+@pytest.mark.parametrize("k", [0, 8])
+def test_classify_onnx_graph_and_parity(cls_pt, cls_batch, exported, k):
+    path = exported(cls_pt, k, imgsz=CLS_IMGSZ, dynamic=True, simplify=True)
+    assert_standard_graph(path, k)
+    assert_matches_torch(cls_pt, k, cls_batch, ort_output(path, cls_batch), "classify", "ONNX dynamic classify")
+
+
+def test_classify_fine_attention_changes_outputs(cls_pt, cls_batch):
+    model = reference_model(cls_pt, 0)
+    coarse = torch_output(model, cls_batch)
+    set_topk(model, 8)
+    assert max_abs_diff(coarse, torch_output(model, cls_batch), "classify", CLS_IMGSZ) > 1e-2
+
+
+@pytest.mark.parametrize("k", [0, 8])
+def test_torchscript_matches_torch(detect_pt, detect_images, exported, k):
+    path = exported(detect_pt, k, format="torchscript", imgsz=IMGSZ)
+    scripted = torch.jit.load(str(path))
+    for x in detect_images[(IMGSZ, IMGSZ)].split(1):
+        assert_matches_torch(detect_pt, k, x, torch_output(scripted, x), "detect", "TorchScript detect")
+
+
+@pytest.mark.slow
+def test_half_onnx_on_cpu(detect_pt, detect_images, exported):
+    """``half=True`` on CPU: Ultralytics 8.4 converts the fp32 graph to fp16 inside, fp32 inputs and outputs."""
+    path = exported(detect_pt, 8, imgsz=IMGSZ, half=True)
+    graph = onnx.load(str(path)).graph
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert_standard_graph(path, 8)
+    model = reference_model(detect_pt, 8)
+    x = detect_images[(IMGSZ, IMGSZ)][:1]
+    diff = max_abs_diff(torch_output(model, x), ort_output(path, x), "detect", IMGSZ)
+    print(f"\n[parity] ONNX fp16 (half=True on CPU) detect k=8 {tuple(x.shape)}: max|export - torch fp32| = {diff:.2e}")
+    assert diff < 1e-2
+
+
+@pytest.mark.slow
+def test_dynamo_onnx_export(detect_pt, detect_images, workdir):
+    """torch.onnx.export(dynamo=True) (what Ultralytics 8.3.x picks on torch>=2.9) with dynamic H and W."""
+    pytest.importorskip("onnxscript")
+    model = reference_model(detect_pt, 8)
+    for m in model.modules():
+        if isinstance(m, Detect):
+            m.export = m.dynamic = True
+    path = workdir / "dynamo-k8.onnx"
+    h, w = torch.export.Dim("h", min=2, max=64), torch.export.Dim("w", min=2, max=64)
+    torch.onnx.export(
+        model, (detect_images[(IMGSZ, IMGSZ)][:1],), str(path), dynamo=True, opset_version=18,
+        input_names=["images"], dynamic_shapes={"x": {2: 32 * h, 3: 32 * w}},
+    )  # fmt: skip
+    assert_standard_graph(path, 8)
+    for x in detect_images.values():
+        assert_matches_torch(detect_pt, 8, x[:1], ort_output(path, x[:1]), "detect", "ONNX dynamo dynamic detect")
+
+
+def _tiny_dataset(root: Path) -> Path:
+    """The two bundled images with rough hand-made labels, as train and val of an 80-class dataset."""
+    labels = {
+        "bus.jpg": ["5 0.50 0.45 0.95 0.50", "0 0.21 0.66 0.22 0.54", "0 0.34 0.64 0.17 0.50", "0 0.92 0.66 0.15 0.52"],
+        "zidane.jpg": ["0 0.38 0.58 0.37 0.83", "0 0.79 0.53 0.37 0.93", "27 0.34 0.79 0.06 0.33"],
+    }
+    for name, rows in labels.items():
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "labels").mkdir(parents=True, exist_ok=True)
+        shutil.copy(ASSETS / name, root / "images" / name)
+        (root / "labels" / name).with_suffix(".txt").write_text("\n".join(rows) + "\n")
+    names = "\n".join(f"  {i}: class{i}" for i in range(80))
+    data = root / "data.yaml"
+    data.write_text(f"path: {root}\ntrain: images\nval: images\nnames:\n{names}\n")
+    return data
+
+
+def _run(command: list[str], cwd: Path) -> str:
+    env = {**os.environ, "YOLO_OFFLINE": "true", "YOLO_AUTOINSTALL": "false", "YOLO_CONFIG_DIR": str(cwd / "cfg")}
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_cli_train_then_export(tmp_path):
+    """Realistic path: ``yolo train`` 1 epoch -> best.pt -> stock ``yolo export`` and ``pst-yolo export topk=0``."""
+    data = _tiny_dataset(tmp_path / "data")
+    _run([str(BIN / "yolo"), "train", "model=yolo11n-pst.yaml", f"data={data}", "epochs=1", "imgsz=160", "batch=2",
+          "workers=0", "plots=False", f"project={tmp_path}", "name=run"], tmp_path)  # fmt: skip
+    best = tmp_path / "run" / "weights" / "best.pt"
+    for k, command in ((8, "yolo"), (0, "pst-yolo")):  # the YAML's k = 8 is kept by stock yolo
+        target = shutil.copy(best, tmp_path / f"{command}.pt")
+        extra = [f"topk={k}"] if command == "pst-yolo" else []
+        export = [str(BIN / command), "export", f"model={target}", "format=onnx", "imgsz=160", "dynamic=True"]
+        _run([*export, *extra], tmp_path)
+        path = Path(target).with_suffix(".onnx")
+        assert_standard_graph(path, k)
+        x = letterboxed("bus.jpg", (160, 128))
+        diff = max_abs_diff(torch_output(reference_model(best, k), x), ort_output(path, x), "detect", 160)
+        print(f"\n[parity] ONNX dynamic detect, 1-epoch best.pt, {command} export k={k} (1, 3, 160, 128): {diff:.2e}")
+        assert diff < ATOL
+
+
+@pytest.mark.slow
+def test_cli_predict_onnx_gives_pt_boxes(detect_pt, tmp_path):
+    """``yolo export`` then ``yolo predict model=X.onnx`` saves the same labels as ``yolo predict model=X.pt``."""
+    pt = Path(shutil.copy(detect_pt, tmp_path / "best.pt"))
+    _run([str(BIN / "yolo"), "export", f"model={pt}", "format=onnx", f"imgsz={IMGSZ}", "dynamic=True"], tmp_path)
+    labels = {}
+    for model in (pt, pt.with_suffix(".onnx")):
+        _run([str(BIN / "yolo"), "predict", f"model={model}", f"source={ASSETS / 'bus.jpg'}", f"imgsz={IMGSZ}",
+              "conf=0.6", "save=False", "save_txt=True", "save_conf=True", f"project={tmp_path}",
+              f"name={model.suffix[1:]}"], tmp_path)  # fmt: skip
+        labels[model.suffix] = np.loadtxt(tmp_path / model.suffix[1:] / "labels" / "bus.txt", ndmin=2)
+    assert labels[".pt"].shape == labels[".onnx"].shape and len(labels[".pt"]) > 0
+    np.testing.assert_allclose(labels[".pt"], labels[".onnx"], atol=1e-4)  # class, normalised xywh, conf
+
+
+def _tiny_graph(nodes, initializers, opset: int = 18, domain_opsets=()) -> Path:
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 8, 8])
+    y = onnx.helper.make_tensor_value_info(nodes[-1].output[0], onnx.TensorProto.FLOAT, None)
+    graph = onnx.helper.make_graph(nodes, "tiny", [x], [y], initializers)
+    opsets = [onnx.helper.make_opsetid("", opset), *(onnx.helper.make_opsetid(d, 1) for d in domain_opsets)]
+    path = Path(tempfile.mkdtemp()) / "tiny.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=opsets), str(path))
+    return path
+
+
+def test_tensorrt_check_accepts_tiny_topk_graph():
+    k = onnx.numpy_helper.from_array(np.array([8], dtype=np.int64), "k")
+    nodes = [onnx.helper.make_node("TopK", ["x", "k"], ["values", "indices"], axis=-1)]
+    assert check_tensorrt_compatible(_tiny_graph(nodes, [k])) == []
+
+
+def test_tensorrt_check_flags_bad_graph():
+    k = onnx.numpy_helper.from_array(np.array([5000], dtype=np.int64), "k")
+    nodes = [
+        onnx.helper.make_node("RandomNormalLike", ["x"], ["noise"]),
+        onnx.helper.make_node("TopK", ["noise", "k"], ["values", "indices"], axis=-1, sorted=0),
+        onnx.helper.make_node("Shape", ["values"], ["axes"]),
+        onnx.helper.make_node("ReduceSum", ["values", "axes"], ["summed"]),
+        onnx.helper.make_node("Resize", ["summed", "", "", ""], ["resized"], mode="cubic"),
+        onnx.helper.make_node("Det", ["resized"], ["det"]),
+        onnx.helper.make_node("Gumbel", ["det"], ["out"], domain="custom.ops"),
+    ]
+    problems = check_tensorrt_compatible(_tiny_graph(nodes, [k], opset=21, domain_opsets=["custom.ops"]))
+    for expected in ("opset 21", "custom operator domain", "random operator", "sorted must be 1", "K = 5000",
+                     "ReduceSum", "mode 'cubic'", "Det node", "custom domain 'custom.ops'"):  # fmt: skip
+        assert any(expected in p for p in problems), (expected, problems)
+
+
+@pytest.mark.gpu
+def test_tensorrt_engine_matches_torch(detect_pt, detect_images, exported):
+    """``format=engine`` (TensorRT) vs the PyTorch model on the GPU, fp32 engine, k = 8. Untested without a GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT engine export needs a CUDA GPU; none is available")
+    pytest.importorskip("tensorrt", reason="TensorRT Python package (tensorrt) is not installed")
+    from ultralytics.nn.autobackend import AutoBackend
+
+    path = exported(detect_pt, 8, format="engine", imgsz=IMGSZ, device=0)
+    assert check_tensorrt_compatible(path.with_suffix(".onnx")) == []
+    engine = AutoBackend(str(path), device=torch.device("cuda:0"))
+    model = reference_model(detect_pt, 8).cuda()
+    for x in detect_images[(IMGSZ, IMGSZ)].split(1):
+        x = x.cuda()
+        with torch.no_grad():
+            ours, theirs = model(x), engine(x)
+        ours, theirs = (y[0] if isinstance(y, (list, tuple)) else y for y in (ours, theirs))
+        assert max_abs_diff(ours.cpu().numpy(), theirs.cpu().numpy(), "detect", IMGSZ) < 1e-2  # TF32 in TensorRT
