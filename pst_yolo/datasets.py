@@ -7,7 +7,7 @@ writes an Ultralytics YOLO data set: ``images/{train,val}/*.png``, ``labels/{tra
 ``data.yaml`` with an absolute ``path``. Train and val images draw their digits from disjoint scans, so validation
 measures generalisation to unseen handwriting.
 
-``missing_coco_paths``, ``missing_imagenet_paths`` and ``cuda_device_problem`` check the inputs of the reproduction
+``missing_coco_paths``, ``missing_imagenet_paths``, ``cuda_device_problem`` and ``exit_unless_ready`` check the inputs of the reproduction
 scripts in ``scripts/`` (COCO / ImageNet in Ultralytics' layouts, the GPUs asked for).
 
 Examples:
@@ -286,3 +286,12 @@ def cuda_device_problem(device: str) -> str | None:
     if len(ids) > available or (ids and max(ids) >= available):
         return f"device={device} asks for {len(ids)} GPU(s) (ids {ids}), but torch.cuda.device_count() is {available}."
     return None
+
+
+def exit_unless_ready(dataset: str, missing: list[str], device: str, device_hint: str) -> None:
+    """Exit with a clear message when ``dataset`` has ``missing`` paths or ``device`` asks for GPUs not present."""
+    if missing:
+        raise SystemExit(f"{dataset} incomplete; missing:\n  " + "\n  ".join(missing))
+    problem = cuda_device_problem(device)
+    if problem:
+        raise SystemExit(f"{problem} {device_hint}")

@@ -43,3 +43,13 @@ def load_recipe(name: str) -> dict:
     """The recipe ``name`` as a dict of Ultralytics train arguments (see ``recipe_path``)."""
     with open(recipe_path(name), encoding="utf-8") as f:
         return yaml.safe_load(f)
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """Command-line ``["epochs=300", "lr0=0.1"]`` -> ``{"epochs": 300, "lr0": 0.1}`` (Ultralytics' value parsing)."""
+    from ultralytics.cfg import smart_value
+
+    bad = [p for p in pairs if "=" not in p]
+    if bad:
+        raise SystemExit(f"Overrides must be key=value, got {bad}.")
+    return {k: smart_value(v) for k, v in (p.split("=", 1) for p in pairs)}

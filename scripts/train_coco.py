@@ -20,6 +20,8 @@ from pathlib import Path
 DEFAULT_DEVICES = "0,1,2,3,4,5,6,7"
 
 
+DEVICE_HINT = "Pass --devices with the GPUs you have (the recipe's batch 256 is global)."
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options; trailing ``key=value`` pairs are collected as Ultralytics overrides."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,31 +49,18 @@ def recipe_for(model: str, recipe: str | None) -> Path:
     return recipe_path(recipe)
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, str]:
-    """``["epochs=300", ...]`` -> ``{"epochs": "300"}`` (Ultralytics converts the value types)."""
-    from ultralytics.cfg import smart_value
-
-    bad = [p for p in pairs if "=" not in p]
-    if bad:
-        raise SystemExit(f"Overrides must be key=value, got {bad}.")
-    return {k: smart_value(v) for k, v in (p.split("=", 1) for p in pairs)}
-
-
 def check_inputs(args: argparse.Namespace) -> None:
     """Exit with a clear message when the COCO folder or the requested GPUs are missing."""
-    from pst_yolo.datasets import cuda_device_problem, missing_coco_paths
+    from pst_yolo.datasets import exit_unless_ready, missing_coco_paths
 
-    missing = missing_coco_paths(args.coco)
-    if missing:
-        raise SystemExit("COCO data set incomplete; missing:\n  " + "\n  ".join(missing))
-    problem = cuda_device_problem(args.devices)
-    if problem:
-        raise SystemExit(f"{problem} Pass --devices with the GPUs you have (the recipe's batch 256 is global).")
+    exit_unless_ready("COCO data set", missing_coco_paths(args.coco), args.devices, DEVICE_HINT)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Check inputs, write the data YAML, train with the recipe."""
     args = parse_args(argv)
+    from pst_yolo.recipes import parse_overrides
+
     overrides = parse_overrides(args.overrides)
     check_inputs(args)
     import pst_yolo  # noqa: F401  registers PST with Ultralytics' parser

@@ -18,6 +18,8 @@ from pathlib import Path
 DEFAULT_DEVICES = "0,1,2,3,4,5,6,7"
 
 
+DEVICE_HINT = "Pass --devices with the GPUs you have (the recipe's batch 256 is global)."
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options; trailing ``key=value`` pairs are collected as Ultralytics overrides."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,31 +32,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def parse_overrides(pairs: list[str]) -> dict:
-    """``["lr0=0.1", ...]`` -> ``{"lr0": 0.1}``."""
-    from ultralytics.cfg import smart_value
-
-    bad = [p for p in pairs if "=" not in p]
-    if bad:
-        raise SystemExit(f"Overrides must be key=value, got {bad}.")
-    return {k: smart_value(v) for k, v in (p.split("=", 1) for p in pairs)}
-
-
 def check_inputs(args: argparse.Namespace) -> None:
     """Exit with a clear message when the ImageNet folder or the requested GPUs are missing."""
-    from pst_yolo.datasets import cuda_device_problem, missing_imagenet_paths
+    from pst_yolo.datasets import exit_unless_ready, missing_imagenet_paths
 
-    missing = missing_imagenet_paths(args.imagenet)
-    if missing:
-        raise SystemExit("ImageNet data set incomplete; missing:\n  " + "\n  ".join(missing))
-    problem = cuda_device_problem(args.devices)
-    if problem:
-        raise SystemExit(f"{problem} Pass --devices with the GPUs you have (the recipe's batch 256 is global).")
+    exit_unless_ready("ImageNet data set", missing_imagenet_paths(args.imagenet), args.devices, DEVICE_HINT)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Check inputs, train with the PST-CLS recipe."""
     args = parse_args(argv)
+    from pst_yolo.recipes import parse_overrides
+
     overrides = parse_overrides(args.overrides)
     check_inputs(args)
     from ultralytics import YOLO

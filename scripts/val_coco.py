@@ -22,6 +22,8 @@ PAPER_TOPKS = (0, 8, 16, 32)  # Table 4a
 COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
+DEVICE_HINT = "Pass --device cpu or an id that exists."
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,16 +76,11 @@ def val2017_image_ids(coco: Path) -> list[int]:
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Exit with a clear message when the weights, COCO val2017, the COCO API or the GPU are missing."""
-    from pst_yolo.datasets import cuda_device_problem, missing_coco_paths
+    from pst_yolo.datasets import exit_unless_ready, missing_coco_paths
 
     if not args.weights.is_file():
         raise SystemExit(f"Weights not found: {args.weights}")
-    missing = missing_coco_paths(args.coco, splits=("val2017",))
-    if missing:
-        raise SystemExit("COCO val2017 incomplete; missing:\n  " + "\n  ".join(missing))
-    problem = cuda_device_problem(args.device)
-    if problem:
-        raise SystemExit(f"{problem} Pass --device cpu or an id that exists.")
+    exit_unless_ready("COCO val2017", missing_coco_paths(args.coco, splits=("val2017",)), args.device, DEVICE_HINT)
     coco_eval_classes()
 
 

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 
+DEVICE_HINT = "Pass --device cpu or an id that exists."
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,16 +32,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Exit with a clear message when the weights, the ImageNet val split or the GPU are missing."""
-    from pst_yolo.datasets import cuda_device_problem, missing_imagenet_paths
+    from pst_yolo.datasets import exit_unless_ready, missing_imagenet_paths
 
     if not args.weights.is_file():
         raise SystemExit(f"Weights not found: {args.weights}")
     missing = missing_imagenet_paths(args.imagenet)  # Ultralytics reads the class names from train/
-    if missing:
-        raise SystemExit("ImageNet data set incomplete; missing:\n  " + "\n  ".join(missing))
-    problem = cuda_device_problem(args.device)
-    if problem:
-        raise SystemExit(f"{problem} Pass --device cpu or an id that exists.")
+    exit_unless_ready("ImageNet data set", missing, args.device, DEVICE_HINT)
 
 
 def validate(args: argparse.Namespace, topk: int | None) -> dict:
