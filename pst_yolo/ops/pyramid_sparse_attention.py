@@ -8,22 +8,38 @@ children that fall outside an odd-sized fine map are masked out, never clamped.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .backends import attention, is_exporting, naive_attention, resolve_backend
 
 DEFAULT_SCORE_CHUNK = 1 << 22  # elements of the (query chunk x M) probability block alive at once (16 MB in fp32)
+CPU_SCORE_CHUNK = 1 << 18  # on CPU a 1 MB fp32 block stays in a core's L2 cache: faster than bigger blocks
+LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 
 
-def _query_chunk_rows(q: torch.Tensor, num_keys: int, max_chunk_elements: int) -> int:
-    """Rows of q per chunk so that one (B, h, rows, M) block holds at most ``max_chunk_elements`` elements."""
+def _query_chunk_rows(q: torch.Tensor, num_keys: int, max_chunk_elements: int | None) -> int:
+    """Rows of q per chunk so that one (B, h, rows, M) block holds at most ``max_chunk_elements`` elements.
+
+    None picks the device's default: ``CPU_SCORE_CHUNK`` on CPU, ``DEFAULT_SCORE_CHUNK`` elsewhere.
+    """
     if is_exporting():  # one block: a traced loop would bake the chunk count into the graph
         return q.shape[2]
+    if max_chunk_elements is None:
+        max_chunk_elements = CPU_SCORE_CHUNK if q.device.type == "cpu" else DEFAULT_SCORE_CHUNK
     batch_heads = q.shape[0] * q.shape[1]
     return max(1, max_chunk_elements // max(1, batch_heads * num_keys))
 
 
+def _sum_over_queries(probs: torch.Tensor) -> torch.Tensor:
+    """(B, h, rows, M) -> (B, h, M)."""
+    if is_exporting():  # ONNX Runtime runs ReduceSum over a middle axis ~10x slower than a ones-vector product
+        ones = probs.new_ones(probs.shape[:-2] + (1, probs.shape[-2]))  # (B, h, 1, rows)
+        return (ones @ probs).squeeze(-2)
+    return probs.sum(dim=2)
+
+
 def coarse_key_scores(
-    q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None = None, max_chunk_elements: int = DEFAULT_SCORE_CHUNK
+    q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None = None, max_chunk_elements: int | None = None
 ) -> torch.Tensor:
     """Eq. 3: mean over queries of ``softmax(q k^T / sqrt(d))``, one probability per key.
 
@@ -35,52 +51,95 @@ def coarse_key_scores(
         k: (B, h, M, d) keys.
         lse: Optional (B, h, N) row log-sum-exp of the scaled logits (from a fused attention kernel); when given the
             probabilities are ``exp(logits - lse)`` and no softmax is recomputed.
-        max_chunk_elements: Bound on the elements of one probability block.
+        max_chunk_elements: Bound on the elements of one probability block (None: the device's default).
 
     Returns:
         (B, h, M) float32 scores; each (b, h) row sums to 1.
     """
-    scale = q.shape[-1] ** -0.5
     n = q.shape[2]
     rows = _query_chunk_rows(q, k.shape[2], max_chunk_elements)
-    k_t = k.transpose(-2, -1)
+    if lse is None:
+        k_t = k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, h, d, M)
+    else:  # base-2 logits: exp2 is several times faster than exp on CPU and as exact
+        k_t = k.transpose(-2, -1) * (q.shape[-1] ** -0.5 * LOG2_E)
+        lse = lse.float() * LOG2_E  # (B, h, N)
     total = None
     for start in range(0, n, rows):
-        logits = ((q[:, :, start : start + rows] * scale) @ k_t).float()  # (B, h, rows, M)
-        if lse is None:
-            probs = logits.softmax(dim=-1)
-        else:
-            probs = (logits - lse[:, :, start : start + rows, None].float()).exp()
-        part = probs.sum(dim=2)  # (B, h, M)
-        total = part if total is None else total + part
+        lse_block = None if lse is None else lse[:, :, start : start + rows]
+        part = _score_block(q[:, :, start : start + rows], k_t, lse_block)
+        total = part if total is None else total.add_(part)
     return total / n
 
 
-def coarse_attention_with_scores(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, max_chunk_elements: int = DEFAULT_SCORE_CHUNK
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 2 and eq. 3 together: the coarse output and the per-key scores, without the full N x M matrix.
+def _score_block(q_block: torch.Tensor, k_t: torch.Tensor, lse_block: torch.Tensor | None) -> torch.Tensor:
+    """Probabilities of one query block summed over its queries: (B, h, rows, d) -> (B, h, M).
 
-    ``naive`` fuses both into one chunked pass (each probability block gives output rows and score sums);
-    ``flash`` reuses the kernel's log-sum-exp; other backends run the kernel, then a blocked score pass.
+    With ``lse_block`` (B, h, rows) the logits are base 2 (k_t carries log2(e)). The (B, h, rows, M) block lives
+    only inside this call, so two blocks never exist at once.
+    """
+    logits = (q_block @ k_t).float()  # (B, h, rows, M)
+    probs = logits.softmax(dim=-1) if lse_block is None else logits.sub_(lse_block[..., None]).exp2_()
+    return _sum_over_queries(probs)
+
+
+def blocked_attention_with_scores(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_chunk_elements: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 2 and eq. 3 in one pass over query blocks: each probability block gives its output rows and key sums.
+
+    The exp and the q k^T product are shared by the output and the scores, and at most one (B, h, rows, M) block
+    (and its softmax) exists at once.
 
     Args:
         q: (B, h, N, d) queries; k, v: (B, h, M, d) coarse keys/values.
-        backend: A concrete backend name.
+        max_chunk_elements: Bound on the elements of one probability block (None: the device's default).
 
     Returns:
         out (B, h, N, d) and scores (B, h, M) float32.
     """
-    if backend == "naive":
-        rows = _query_chunk_rows(q, k.shape[2], max_chunk_elements)
-        outs, total = [], None
-        k_t = k.transpose(-2, -1)
-        for start in range(0, q.shape[2], rows):
-            probs = ((q[:, :, start : start + rows] * q.shape[-1] ** -0.5) @ k_t).softmax(dim=-1)  # (B, h, rows, M)
-            outs.append(probs @ v)
-            part = probs.detach().float().sum(dim=2)
-            total = part if total is None else total + part
-        return torch.cat(outs, dim=2), total / q.shape[2]
+    n = q.shape[2]
+    rows = _query_chunk_rows(q, k.shape[2], max_chunk_elements)
+    k_t = k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, h, d, M), scaled once instead of every query block
+    if rows >= n:
+        out, total = _attention_block(q, k_t, v)
+        return out, total / n
+    out, total = None, None
+    for start in range(0, n, rows):
+        part, part_scores = _attention_block(q[:, :, start : start + rows], k_t, v)
+        if out is None:  # allocated from the first block: its dtype follows autocast
+            out, total = part.new_empty(q.shape[:-1] + v.shape[-1:]), part_scores
+        else:
+            total += part_scores
+        out[:, :, start : start + rows] = part
+    return out, total / n
+
+
+def _attention_block(q_block: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output rows (B, h, rows, d) and probabilities summed over the block's queries (B, h, M) of one query block."""
+    probs = (q_block @ k_t).softmax(dim=-1)  # (B, h, rows, M)
+    return probs @ v, _sum_over_queries(probs.detach().float())
+
+
+def coarse_attention_with_scores(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, max_chunk_elements: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 2 and eq. 3 together: the coarse output and the per-key scores, without the full N x M matrix.
+
+    ``naive``, every backend on CPU (measured faster than the CPU SDPA kernel plus a score pass from its
+    log-sum-exp: docs/BENCHMARKS.md) and every backend while exporting (one graph: a single q k^T and softmax feed
+    both) use :func:`blocked_attention_with_scores`. Otherwise the backend's kernel runs, then a blocked score pass
+    that reuses the kernel's row log-sum-exp where it gives one (``flash``) and recomputes the softmax otherwise.
+
+    Args:
+        q: (B, h, N, d) queries; k, v: (B, h, M, d) coarse keys/values.
+        backend: A concrete backend name.
+        max_chunk_elements: Bound on the elements of one probability block (None: the device's default).
+
+    Returns:
+        out (B, h, N, d) and scores (B, h, M) float32.
+    """
+    if backend == "naive" or q.device.type == "cpu" or is_exporting():
+        return blocked_attention_with_scores(q, k, v, max_chunk_elements)
     out, lse = attention(q, k, v, backend, return_lse=backend == "flash")
     with torch.no_grad():
         scores = coarse_key_scores(q.detach(), k.detach(), lse=lse, max_chunk_elements=max_chunk_elements)
@@ -114,6 +173,8 @@ def select_fine_tokens(
     h, w = fine_hw
     wu = coarse_hw[1]
     k = min(topk, scores.shape[-1])
+    if is_exporting():  # k = topk for every map size of a dynamic graph; the padding slots map outside, never valid
+        scores, k = F.pad(scores, (0, topk), value=-1.0), topk
     top_scores, top_idx = scores.topk(k, dim=-1, largest=True, sorted=True)  # (B, h, k), deterministic
     row = top_idx // wu
     col = top_idx - row * wu  # not idx % wu: exports with dynamic shapes on every ONNX path
@@ -132,21 +193,38 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def sparse_fine_attention(
-    q: torch.Tensor, k_fine: torch.Tensor, v_fine: torch.Tensor, index: torch.Tensor, valid: torch.Tensor
+    q: torch.Tensor,
+    k_fine: torch.Tensor,
+    v_fine: torch.Tensor,
+    index: torch.Tensor,
+    valid: torch.Tensor,
+    backend: str = "naive",
 ) -> torch.Tensor:
     """Eq. 4-5: attention of every query over the selected fine tokens; masked tokens get no weight.
 
     Args:
         q, k_fine, v_fine: (B, h, N, d).
         index, valid: (B, h, T) from :func:`select_fine_tokens`.
+        backend: ``naive`` runs an explicit softmax; any other name one SDPA call with an additive mask, which never
+            holds the (B, h, N, T) logits.
 
     Returns:
         (B, h, N, d); zero for a (batch, head) where no token is valid.
     """
     k_sel, v_sel = gather_tokens(k_fine, index), gather_tokens(v_fine, index)  # (B, h, T, d)
     bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(~valid, torch.finfo(q.dtype).min / 2)
-    out = naive_attention(q, k_sel, v_sel, bias.unsqueeze(2))  # T = 4k keys: a small explicit softmax is fastest
-    return torch.where(valid.any(dim=-1)[..., None, None], out, torch.zeros_like(out))
+    bias = bias.unsqueeze(2)  # (B, h, 1, T): the same mask for every query
+    if backend == "naive":
+        out = naive_attention(q, k_sel, v_sel, bias)
+    else:
+        out = F.scaled_dot_product_attention(q.contiguous(), k_sel, v_sel, attn_mask=bias)
+    any_valid = valid.any(dim=-1)[..., None, None].to(out.dtype)  # (B, h, 1, 1)
+    return out.mul_(any_valid) if _may_overwrite(out) else out * any_valid
+
+
+def _may_overwrite(t: torch.Tensor) -> bool:
+    """True when an in-place update of ``t`` cannot break autograd (no gradient is being recorded for it)."""
+    return not (torch.is_grad_enabled() and t.requires_grad)
 
 
 def pyramid_sparse_attention_parts(
@@ -176,7 +254,7 @@ def pyramid_sparse_attention_parts(
         return attention(q, k, v, backend)[0], None
     out_coarse, scores = coarse_attention_with_scores(q, k, v, backend)
     index, valid = select_fine_tokens(scores, fine_hw, coarse_hw, topk, threshold)
-    return out_coarse, sparse_fine_attention(q, k_fine, v_fine, index, valid)
+    return out_coarse, sparse_fine_attention(q, k_fine, v_fine, index, valid, backend)
 
 
 def pyramid_sparse_attention(
@@ -214,4 +292,8 @@ def pyramid_sparse_attention(
     out_coarse, out_fine = pyramid_sparse_attention_parts(
         q, k, v, k_fine, v_fine, fine_hw, coarse_hw, topk, threshold, backend
     )
-    return out_coarse if out_fine is None else out_coarse + out_fine
+    if out_fine is None:
+        return out_coarse
+    if _may_overwrite(out_coarse) and out_coarse.dtype == out_fine.dtype:
+        return out_coarse.add_(out_fine)
+    return out_coarse + out_fine

@@ -1,0 +1,589 @@
+"""Benchmarks: the PSA op, its score step, whole models (PyTorch and ONNX Runtime) and a training step.
+
+    pst-yolo bench                                   # CPU defaults: under 10 minutes on 2 cores
+    pst-yolo bench --device cuda --model-batches 1 16
+    pst-yolo bench --threads 1 --clock cpu           # on a shared CPU: compute time, not time spent waiting
+    pst-yolo bench --quick --out /tmp/bench          # tiny smoke run
+
+Timing: each table's variants run round-robin (one call of each per round) after warm-up, so load from other
+processes hits every variant alike; tables give medians. Peak memory: on CUDA the allocator's peak above the
+starting point; on CPU the peak of live tensor bytes, tracked by a dispatch mode that sees every tensor an aten op
+returns and notices when its storage is freed (kernel-internal scratch, such as the CPU SDPA kernel's per-thread
+blocks, is not seen). The targets of the project are printed as ratios measured in the same run. Writes
+``bench.md``, ``bench.json`` and ``bench.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+HEAD_DIM = 32
+TOPKS = (0, 8, 16, 32)
+OP_SIZES = (320, 640, 1280)
+MODELS = ("yolo12n", "yolo11n", "yolo11n-pst", "yolo12n-pst", "yolo11s", "yolo11s-pst")
+TARGET_SHAPE = (640, "P3")  # the op target: 80x80 queries over 40x40 keys, 1 head
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+SCORE_DENSE = "dense N x M softmax"
+SCORE_FUSED = "blocked fused pass (naive)"
+SCORE_SDPA = "SDPA + log-sum-exp score pass (sdpa)"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="pst-yolo bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch/ORT CPU threads")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="cpu: process CPU time (shared CPU)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed rounds per table")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--op-sizes", type=int, nargs="+", default=list(OP_SIZES), help="input sizes for the op")
+    parser.add_argument("--topks", type=int, nargs="+", default=list(TOPKS))
+    parser.add_argument("--backends", nargs="+", default=["naive", "sdpa", "flash", "sage"], help="usable ones run")
+    parser.add_argument("--naive-max-size", type=int, default=640, help="skip the naive op above this input size")
+    parser.add_argument("--score-batch", type=int, default=8, help="batch of the score-step memory table (640 P3)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), help="YAML names without .yaml")
+    parser.add_argument("--imgsz", type=int, default=640, help="model input size")
+    parser.add_argument("--model-batches", type=int, nargs="+", default=[1], help="e.g. 1 16 (16 is slow on CPU)")
+    parser.add_argument("--model-topk", type=int, default=8, help="fine top-k of the PST models (also run at 0)")
+    parser.add_argument("--model-backends", nargs="+", default=["auto", "naive"], help="PST models at --model-topk")
+    parser.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime even when installed")
+    parser.add_argument("--train-batch", type=int, default=8)
+    parser.add_argument("--train-imgsz", type=int, default=320)
+    parser.add_argument("--train-steps", type=int, default=4, help="timed steps per model (after one warm-up)")
+    parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.warmup, args.op_sizes, args.topks = 2, 1, [64], [0, 8]
+        args.score_batch, args.models, args.imgsz, args.model_batches = 1, ["yolo12n", "yolo11n-pst"], 64, [1]
+        args.train_batch, args.train_imgsz, args.train_steps = 2, 64, 1
+    return args
+
+
+# ----------------------------------------------------------------------------------------------- measuring tools
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_round_robin(
+    variants: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device, clock: str = "wall"
+) -> dict[str, float]:
+    """Median milliseconds per call of each variant, calling every variant once per round.
+
+    ``clock="cpu"`` measures the process's CPU time instead of wall time: with one thread it is the compute time,
+    and time spent waiting while other processes hold the cores does not count (use it on a shared machine).
+    """
+    now = CLOCKS[clock]
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for round_index in range(warmup + repeats):
+        for name, fn in variants.items():
+            synchronize(device)
+            start = now()
+            fn()
+            synchronize(device)
+            if round_index >= warmup:
+                times[name].append((now() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of tensor storage created inside the ``with`` block and alive at the same time.
+
+    Every aten op's outputs are recorded unless they share storage with its inputs (views, in-place ops); a
+    recorded storage stops counting once it has been freed, which is checked before each new op's outputs count.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[StorageWeakRef, int] = {}
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for ref in [r for r in self.live if r.expired()]:
+            self.current -= self.live.pop(ref)
+        inputs = {self._ref(t) for t in tree_leaves((args, kwargs)) if self._counts(t)}
+        for t in tree_leaves(out):
+            ref = self._ref(t) if self._counts(t) else None
+            if ref is not None and ref not in inputs and ref not in self.live:
+                self.live[ref] = t.untyped_storage().nbytes()
+                self.current += self.live[ref]
+        self.peak = max(self.peak, self.current)
+        return out
+
+    @staticmethod
+    def _counts(t) -> bool:
+        return isinstance(t, torch.Tensor) and t.layout == torch.strided
+
+    @staticmethod
+    def _ref(t: torch.Tensor) -> StorageWeakRef:
+        return StorageWeakRef(t.untyped_storage())
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak MB of tensor memory that ``fn`` allocates above what already exists (its result included)."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    with LiveTensorBytes() as probe:
+        fn()
+    return probe.peak / 2**20
+
+
+def gemm_gflops(device: torch.device, size: int, repeats: int, clock: str = "wall") -> float:
+    """Throughput of one large fp32 matrix product (size x size by size x size), GFLOP/s."""
+    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+    ms = time_round_robin({"gemm": lambda: a @ b}, repeats, 1, device, clock)["gemm"]
+    return 2 * size**3 / (ms * 1e-3) / 1e9
+
+
+# ---------------------------------------------------------------------------------------------------- the op
+def op_shapes(imgsz: int) -> list[dict]:
+    """PSA shapes of an N-scale model at ``imgsz``: P3 (C'=32, 1 head) and P4 (C'=64, 2 heads), upper = half."""
+    return [
+        {"level": "P3", "fine_hw": (imgsz // 8, imgsz // 8), "heads": 1},
+        {"level": "P4", "fine_hw": (imgsz // 16, imgsz // 16), "heads": 2},
+    ]
+
+
+def psa_inputs(batch: int, heads: int, fine_hw: tuple[int, int], device, dtype) -> tuple[list[torch.Tensor], tuple]:
+    """Random q, k, v (coarse), k_fine, v_fine: (batch, heads, tokens, 32) each, and the coarse grid."""
+    coarse_hw = ((fine_hw[0] + 1) // 2, (fine_hw[1] + 1) // 2)
+    n, m = fine_hw[0] * fine_hw[1], coarse_hw[0] * coarse_hw[1]
+    g = torch.Generator(device=device).manual_seed(0)
+    sizes = (n, m, m, n, n)
+    return [torch.randn(batch, heads, s, HEAD_DIM, device=device, dtype=dtype, generator=g) for s in sizes], coarse_hw
+
+
+def op_flops(batch: int, heads: int, n: int, m: int, topk: int) -> int:
+    """Matmul FLOPs of the op: coarse q k^T and p v, the eq. 3 score pass's q k^T, fine attention over 4k tokens."""
+    per_head = 4 * n * m * HEAD_DIM
+    if topk:
+        per_head += 2 * n * m * HEAD_DIM + 4 * n * 4 * min(topk, m) * HEAD_DIM
+    return batch * heads * per_head
+
+
+def usable_backends(names: list[str], device: torch.device, dtype: torch.dtype) -> list[str]:
+    from .ops.backends import unusable_reason
+
+    probe = torch.zeros(1, 1, 1, HEAD_DIM, device=device, dtype=dtype)
+    return [b for b in names if unusable_reason(b, probe, needs_grad=False) is None]
+
+
+def bench_op(args, device, dtype, gemm: float) -> list[dict]:
+    """Latency, peak memory and throughput of ``pyramid_sparse_attention`` per size, level, backend and top-k."""
+    from .ops import attention, pyramid_sparse_attention
+
+    rows = []
+    for imgsz in args.op_sizes:
+        for shape in op_shapes(imgsz):
+            (q, k, v, kf, vf), coarse_hw = psa_inputs(1, shape["heads"], shape["fine_hw"], device, dtype)
+            variants = {("bare sdpa", None): lambda: attention(q, k, v, "sdpa")}
+            for backend in usable_backends(args.backends, device, dtype):
+                if backend == "naive" and imgsz > args.naive_max_size:
+                    continue
+                for topk in args.topks:
+                    variants[(backend, topk)] = lambda b=backend, t=topk: pyramid_sparse_attention(
+                        q, k, v, kf, vf, shape["fine_hw"], coarse_hw, topk=t, backend=b
+                    )
+            with torch.inference_mode():
+                ms = time_round_robin(variants, args.repeats, args.warmup, device, args.clock)
+                mb = {key: peak_memory_mb(fn, device) for key, fn in variants.items()}
+            bare_ms, bare_mb = ms[("bare sdpa", None)], mb[("bare sdpa", None)]
+            n, m = q.shape[2], k.shape[2]
+            for (backend, topk), t in ms.items():
+                gflops = op_flops(1, shape["heads"], n, m, topk or 0) / (t * 1e-3) / 1e9
+                rows.append(
+                    {
+                        "imgsz": imgsz, "level": shape["level"], "fine": f"{shape['fine_hw'][0]}x{shape['fine_hw'][1]}",
+                        "coarse": f"{coarse_hw[0]}x{coarse_hw[1]}", "heads": shape["heads"], "backend": backend,
+                        "topk": topk, "ms": t, "peak_mb": mb[(backend, topk)], "x_sdpa_ms": t / bare_ms,
+                        "x_sdpa_mem": mb[(backend, topk)] / bare_mb, "gflops": gflops, "gemm_fraction": gflops / gemm,
+                    }
+                )  # fmt: skip
+            print(f"op {imgsz} {shape['level']}: " + ", ".join(f"{b}/k={t}: {v:.2f} ms" for (b, t), v in ms.items()))
+    return rows
+
+
+def bench_score_step(args, device, dtype) -> list[dict]:
+    """Eq. 2 + eq. 3 at 640 P3 (80x80 over 40x40, 1 head) and batch ``score_batch``: time and peak memory.
+
+    Variants: the dense matrix (what a plain implementation holds), the fused blocked pass (``naive`` backend), the
+    SDPA kernel plus a blocked pass from its row log-sum-exp (``sdpa`` backend), and the SDPA kernel plus a blocked
+    pass that recomputes the softmax.
+    """
+    from .ops import attention, coarse_attention_with_scores, coarse_key_scores
+    from .ops.pyramid_sparse_attention import blocked_attention_with_scores
+
+    (q, k, v, _, _), _ = psa_inputs(args.score_batch, 1, (args.imgsz // 8, args.imgsz // 8), device, dtype)
+
+    def dense():
+        probs = (q @ k.transpose(-2, -1) * HEAD_DIM**-0.5).softmax(dim=-1)  # (B, 1, N, M)
+        return probs @ v, probs.float().mean(dim=2)
+
+    variants = {
+        SCORE_DENSE: dense,
+        SCORE_FUSED: lambda: blocked_attention_with_scores(q, k, v),
+        SCORE_SDPA: lambda: coarse_attention_with_scores(q, k, v, "sdpa"),
+        "SDPA + softmax score pass": lambda: (attention(q, k, v, "sdpa")[0], coarse_key_scores(q, k)),
+    }
+    with torch.inference_mode():
+        ms = time_round_robin(variants, max(2, args.repeats // 3), 1, device, args.clock)
+        mb = {name: peak_memory_mb(fn, device) for name, fn in variants.items()}
+    print("score step: " + ", ".join(f"{n}: {ms[n]:.1f} ms {mb[n]:.1f} MB" for n in variants))
+    return [
+        {"variant": n, "batch": args.score_batch, "ms": ms[n], "peak_mb": mb[n], "x_dense_mem": mb[n] / mb[SCORE_DENSE]}
+        for n in variants
+    ]
+
+
+# ------------------------------------------------------------------------------------------------- the models
+def build_model(name: str, device: torch.device):
+    """Untrained detection model from ``<name>.yaml`` (stock Ultralytics or pst_yolo's), fused, eval, on device."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    import pst_yolo  # noqa: F401  (registers the PST modules and configs)
+
+    return DetectionModel(f"{name}.yaml", verbose=False).fuse(verbose=False).eval().to(device)
+
+
+def is_pst(model: torch.nn.Module) -> bool:
+    from .nn import PSAttn
+
+    return any(isinstance(m, PSAttn) for m in model.modules())
+
+
+def model_variants(names: list[str], topk: int, backends: list[str], device) -> dict[str, tuple]:
+    """Label -> (fused eval model, top-k or None for stock models, attention backend).
+
+    PST models run at top-k 0 and at ``topk`` with the default backend, and at ``topk`` with each other backend.
+    """
+    variants = {}
+    for name in names:
+        model = build_model(name, device)
+        if not is_pst(model):
+            variants[name] = (model, None, "auto")
+            continue
+        variants[f"{name} k=0"] = (model, 0, "auto")
+        for backend in backends:
+            variants[f"{name} k={topk}" + ("" if backend == "auto" else f" {backend}")] = (model, topk, backend)
+    return variants
+
+
+def forward_with_topk(model: torch.nn.Module, topk: int | None, backend: str, x: torch.Tensor) -> Callable[[], object]:
+    from .nn import set_topk
+    from .ops import use_backend
+
+    def run():
+        if topk is not None:
+            set_topk(model, topk)
+        with use_backend(backend):
+            return model(x)
+
+    return run
+
+
+def bench_models_eager(args, variants: dict, device) -> list[dict]:
+    rows = []
+    for batch in args.model_batches:
+        x = torch.rand(batch, 3, args.imgsz, args.imgsz, device=device)
+        calls = {label: forward_with_topk(*variant[:3], x) for label, variant in variants.items()}
+        with torch.inference_mode():
+            ms = time_round_robin(calls, args.repeats, args.warmup, device, args.clock)
+        rows += [{"runtime": "pytorch", "model": label, "batch": batch, "ms": t} for label, t in ms.items()]
+        print(f"pytorch batch {batch}: " + ", ".join(f"{label}: {t:.1f} ms" for label, t in ms.items()))
+    return rows
+
+
+def export_onnx(model: torch.nn.Module, topk: int | None, x: torch.Tensor, path: Path) -> Path:
+    """TorchScript ONNX export (opset 18, static shapes), the exporter Ultralytics 8.4 uses."""
+    from .nn import set_topk
+
+    if topk is not None:
+        set_topk(model, topk)
+    with torch.no_grad():
+        torch.onnx.export(model, x, str(path), opset_version=18, dynamo=False, input_names=["images"])
+    return path
+
+
+def bench_models_onnx(args, variants: dict) -> list[dict]:
+    """ONNX Runtime CPU latency of each default-backend variant (exported at top-k 0 / ``model_topk`` separately)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for batch in args.model_batches:
+            x = torch.rand(batch, 3, args.imgsz, args.imgsz)
+            sessions = {}
+            for i, (label, (model, k, backend)) in enumerate(variants.items()):
+                if backend != "auto":  # the exported graph does not depend on the backend
+                    continue
+                path = export_onnx(model.cpu(), k, x, Path(tmp) / f"model{i}-b{batch}.onnx")
+                sessions[label] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            feed = {"images": x.numpy().astype(np.float32)}
+            calls = {label: lambda s=s: s.run(None, feed) for label, s in sessions.items()}
+            ms = time_round_robin(calls, args.repeats, args.warmup, torch.device("cpu"), args.clock)
+            rows += [{"runtime": "onnxruntime", "model": label, "batch": batch, "ms": t} for label, t in ms.items()]
+            print(f"onnxruntime batch {batch}: " + ", ".join(f"{label}: {t:.1f} ms" for label, t in ms.items()))
+    return rows
+
+
+# -------------------------------------------------------------------------------------------- a training step
+def random_detection_batch(batch: int, imgsz: int, device, boxes_per_image: int = 4) -> dict:
+    """Random images and boxes in the layout Ultralytics' detection loss reads (normalised xywh)."""
+    g = torch.Generator().manual_seed(0)
+    n = batch * boxes_per_image
+    centers, sizes = torch.rand(n, 2, generator=g) * 0.6 + 0.2, torch.rand(n, 2, generator=g) * 0.3 + 0.05
+    return {
+        "img": torch.rand(batch, 3, imgsz, imgsz, generator=g).to(device),
+        "batch_idx": torch.arange(batch).repeat_interleave(boxes_per_image).float().to(device),
+        "cls": torch.randint(0, 80, (n, 1), generator=g).float().to(device),
+        "bboxes": torch.cat((centers, sizes), dim=1).to(device),
+    }
+
+
+def training_step(name: str, batch: dict, device) -> Callable[[], object]:
+    """One SGD step of an untrained ``name`` model: forward, Ultralytics' detection loss, backward, update."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.nn.tasks import DetectionModel
+
+    import pst_yolo  # noqa: F401
+
+    model = DetectionModel(f"{name}.yaml", verbose=False).to(device).train()
+    model.args = get_cfg()  # loss gains (box, cls, dfl), as the trainer attaches them
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step():
+        loss, _ = model.loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        optimizer.step()
+
+    return step
+
+
+def bench_train(args, device) -> list[dict]:
+    names = [n for n in ("yolo12n", "yolo11n-pst") if n in args.models] or ["yolo12n", "yolo11n-pst"]
+    batch_size = args.train_batch
+    batch = random_detection_batch(batch_size, args.train_imgsz, device)
+    steps = {name: training_step(name, batch, device) for name in names}
+    ms = time_round_robin(steps, args.train_steps, 1, device, args.clock)
+    print("train step: " + ", ".join(f"{n}: {t:.0f} ms" for n, t in ms.items()))
+    return [
+        {"model": n, "batch": batch_size, "imgsz": args.train_imgsz, "ms": t, "images_per_s": 1e3 * batch_size / t}
+        for n, t in ms.items()
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ the targets
+def find(rows: list[dict], **match) -> dict | None:
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def ratio(numerator: dict | None, denominator: dict | None, key: str) -> float | None:
+    return None if numerator is None or denominator is None else numerator[key] / denominator[key]
+
+
+def target(name: str, value: float | None, sign: str | None = None, limit: float | None = None) -> dict:
+    """One row of the targets table; ``met`` is None for a diagnostic ratio (no limit) or a missing value."""
+    met = None if value is None or limit is None else (value <= limit if sign == "<=" else value >= limit)
+    return {"name": name, "value": value, "target": None if limit is None else f"{sign} {limit}", "met": met}
+
+
+def targets(results: dict, model_topk: int) -> list[dict]:
+    """The project's performance targets and diagnostics as ratios of this run's numbers."""
+    op, train, score = results["op"], results["train"], results["score_step"]
+    sdpa_k0, sdpa_k8, naive_k8 = (
+        find(op, imgsz=TARGET_SHAPE[0], level=TARGET_SHAPE[1], backend=b, topk=k)
+        for b, k in (("sdpa", 0), ("sdpa", 8), ("naive", 8))
+    )
+    dense = find(score, variant=SCORE_DENSE)
+
+    def model_ratio(label: str, baseline: str, runtime: str = "pytorch") -> float | None:
+        def row(name):
+            return find(results["models"], runtime=runtime, model=name, batch=1)
+
+        return ratio(row(label), row(baseline), "ms")
+
+    pst, k, mb = "yolo11n-pst", model_topk, "peak_mb"
+    return [
+        target(
+            "YOLO11n-PST k=0 / YOLO12n latency (PyTorch, batch 1)",
+            model_ratio(f"{pst} k=0", "yolo12n"), "<=", 1.15,
+        ),
+        target(
+            "YOLO11n-PST k=0 / YOLO12n latency (ONNX Runtime, batch 1)",
+            model_ratio(f"{pst} k=0", "yolo12n", "onnxruntime"), "<=", 1.15,
+        ),
+        target("PSA op 80x80/40x40 k=8 / bare SDPA latency", sdpa_k8 and sdpa_k8["x_sdpa_ms"], "<=", 2.0),
+        target("PSA op 80x80/40x40 k=8 / bare SDPA peak memory", sdpa_k8 and sdpa_k8["x_sdpa_mem"], "<=", 4.0),
+        target(
+            "train step throughput YOLO11n-PST / YOLO12n",
+            ratio(find(train, model="yolo12n"), find(train, model=pst), "ms"), ">=", 0.95,
+        ),
+        target(
+            f"fine attention: YOLO11n-PST k={k} / k=0 latency (PyTorch)",
+            model_ratio(f"{pst} k={k}", f"{pst} k=0"), "<=", 1.05,
+        ),
+        target(
+            f"fine attention: YOLO11n-PST k={k} / k=0 latency (ONNX Runtime)",
+            model_ratio(f"{pst} k={k}", f"{pst} k=0", "onnxruntime"), "<=", 1.05,
+        ),
+        target(
+            f"fine attention, fused score pass (naive backend): YOLO11n-PST k={k} / k=0 (PyTorch)",
+            model_ratio(f"{pst} k={k} naive", f"{pst} k=0"),
+        ),
+        target("PSA op 80x80/40x40 k=8: naive / sdpa latency", ratio(naive_k8, sdpa_k8, "ms")),
+        target("score step peak memory: sdpa / dense N x M", ratio(find(score, variant=SCORE_SDPA), dense, mb)),
+        target("score step peak memory: naive / dense N x M", ratio(find(score, variant=SCORE_FUSED), dense, mb)),
+        target("PSA op 80x80/40x40 k=0 (sdpa) throughput / GEMM throughput", sdpa_k0 and sdpa_k0["gemm_fraction"]),
+        target("PSA op 80x80/40x40 k=8 (sdpa) throughput / GEMM throughput", sdpa_k8 and sdpa_k8["gemm_fraction"]),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------- reports
+def machine_description(device: torch.device, threads: int, clock: str) -> dict:
+    cpu = platform.processor() or "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1] for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0].strip() if names else cpu
+    info = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "threads": threads, "clock": clock}
+    info["torch"] = torch.__version__
+    info["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """rows -> a Markdown table; columns are (key, header, format spec)."""
+
+    def cell(row, key, spec):
+        value = row.get(key)
+        return "-" if value is None else format(value, spec)
+
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r, k, s) for k, _, s in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def markdown_report(results: dict) -> str:
+    m = results["machine"]
+    verdict = {True: "yes", False: "**no**", None: "-"}
+    target_rows = [{**t, "met": verdict[t["met"]], "target": t["target"] or "-"} for t in results["targets"]]
+    parts = [
+        f"Machine: {m['cpu']}, {m['cores']} cores ({m['threads']} threads used), device {m['device']}, "
+        f"torch {m['torch']}" + (f", onnxruntime {m['onnxruntime']}" if "onnxruntime" in m else "")
+        + f"; {m['clock']} clock.",
+        f"Dense fp32 GEMM ({results['gemm']['size']}^2): {results['gemm']['gflops']:.1f} GFLOP/s.",
+        "### Targets and ratios\n\n" + markdown_table(target_rows, [
+            ("name", "ratio", "s"), ("value", "value", ".3f"), ("target", "target", "s"), ("met", "met", "s")]),
+        "### PSA op (batch 1, head dim 32)\n\n" + markdown_table(results["op"], [
+            ("imgsz", "input", "d"), ("level", "level", "s"), ("fine", "queries", "s"), ("coarse", "keys", "s"),
+            ("heads", "heads", "d"), ("backend", "backend", "s"), ("topk", "top-k", "d"), ("ms", "ms", ".2f"),
+            ("x_sdpa_ms", "x bare SDPA", ".2f"), ("peak_mb", "peak MB", ".2f"), ("x_sdpa_mem", "mem x SDPA", ".2f"),
+            ("gflops", "GFLOP/s", ".1f"), ("gemm_fraction", "of GEMM", ".2f")]),
+        "### Score step (eq. 2 + eq. 3) at 640 P3\n\n" + markdown_table(results["score_step"], [
+            ("variant", "variant", "s"), ("batch", "batch", "d"), ("ms", "ms", ".1f"), ("peak_mb", "peak MB", ".1f"),
+            ("x_dense_mem", "mem x dense", ".3f")]),
+        "### Models (fused, eval, random weights)\n\n" + markdown_table(results["models"], [
+            ("runtime", "runtime", "s"), ("model", "model", "s"), ("batch", "batch", "d"), ("ms", "ms", ".1f")]),
+        "### Training step (forward + Ultralytics loss + backward + SGD)\n\n" + markdown_table(results["train"], [
+            ("model", "model", "s"), ("batch", "batch", "d"), ("imgsz", "imgsz", "d"), ("ms", "ms/step", ".0f"),
+            ("images_per_s", "images/s", ".2f")]),
+    ]  # fmt: skip
+    return "\n\n".join(parts) + "\n"
+
+
+def plot(results: dict, path: Path) -> Path:
+    """Op latency against top-k (per input size at P3, per backend) and model latencies, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for imgsz in sorted({r["imgsz"] for r in results["op"]}):
+        for backend in sorted({r["backend"] for r in results["op"]} - {"bare sdpa"}):
+            rows = [r for r in results["op"] if r["imgsz"] == imgsz and r["level"] == "P3" and r["backend"] == backend]
+            if rows:
+                left.plot([r["topk"] for r in rows], [r["ms"] for r in rows], marker="o", label=f"{backend} {imgsz}")
+    left.set(xlabel="top-k", ylabel="ms", yscale="log", title="PSA op at P3 (1 head)")
+    left.legend(fontsize=7)
+    labels = [f"{r['model']} ({r['runtime'][:4]}, b{r['batch']})" for r in results["models"]]
+    right.barh(labels, [r["ms"] for r in results["models"]])
+    right.set(xlabel="ms", title=f"Models at {results['imgsz']}")
+    right.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run every benchmark, print the target ratios and write bench.md / bench.json / bench.png."""
+    args = parse_args(argv)
+    os.environ.setdefault("YOLO_OFFLINE", "true")
+    os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    gemm_size = 256 if args.quick else (8192 if device.type == "cuda" else 2048)
+    results = {"machine": machine_description(device, args.threads, args.clock), "imgsz": args.imgsz}
+    results["args"] = vars(args) | {"out": str(args.out)}
+    gflops = gemm_gflops(device, gemm_size, max(3, args.repeats // 2), args.clock)
+    results["gemm"] = {"size": gemm_size, "gflops": gflops}
+    print(f"GEMM: {results['gemm']['gflops']:.1f} GFLOP/s")
+    results["op"] = bench_op(args, device, dtype, results["gemm"]["gflops"])
+    results["score_step"] = bench_score_step(args, device, dtype)
+    variants = model_variants(args.models, args.model_topk, args.model_backends, device)
+    results["models"] = bench_models_eager(args, variants, device)
+    if not args.no_onnx and importlib.util.find_spec("onnxruntime") is not None:
+        results["models"] += bench_models_onnx(args, variants)
+    results["train"] = bench_train(args, device)
+    results["targets"] = targets(results, args.model_topk)
+    for t in results["targets"]:
+        value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
+        verdict = "" if t["met"] is None else f" (target {t['target']}: {'met' if t['met'] else 'NOT met'})"
+        print(f"{t['name']}: {value}{verdict}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(results, indent=1, default=str))
+    (args.out / "bench.md").write_text(markdown_report(results))
+    plot(results, args.out / "bench.png")
+    print(f"Results in {args.out}/bench.md, bench.json, bench.png")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Benchmark suite: its measuring tools, and a smoke run of every section with tiny settings (no timed assertions)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pst_yolo.benchmark import main, op_flops, peak_memory_mb, time_round_robin
+from pst_yolo.ops import coarse_attention_with_scores
+
+CPU = torch.device("cpu")
+
+
+def test_round_robin_interleaves_variants_after_warmup():
+    calls = []
+    medians = time_round_robin({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3, 2, CPU)
+    assert calls == ["a", "b"] * 5
+    assert set(medians) == {"a", "b"} and all(ms >= 0 for ms in medians.values())
+
+
+def test_cpu_peak_memory_counts_live_tensors_only():
+    def allocate():
+        a = torch.empty(1_000_000)  # 4 MB
+        b = torch.empty(2_000_000)  # 8 MB, 12 MB live
+        del a
+        c = torch.empty(500_000)  # 2 MB after a was freed: 10 MB live
+        return b, c
+
+    assert peak_memory_mb(allocate, CPU) == pytest.approx(12e6 / 2**20)
+
+
+def test_cpu_peak_memory_ignores_views_and_in_place_updates_of_inputs():
+    x = torch.zeros(1_000_000)
+    assert peak_memory_mb(lambda: (x.add_(1), x[10:].view(-1, 10), x.t()), CPU) == 0
+
+
+def test_score_step_never_holds_the_dense_matrix():
+    """At 80x80 queries over 40x40 keys the N x M probabilities are 41 MB; the score step stays far below."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 6400, 32, generator=g)
+    k, v = torch.randn(1, 1, 1600, 32, generator=g), torch.randn(1, 1, 1600, 32, generator=g)
+    dense_mb = 6400 * 1600 * 4 / 2**20
+    with torch.inference_mode():
+        for backend in ("naive", "sdpa"):
+            assert peak_memory_mb(lambda: coarse_attention_with_scores(q, k, v, backend), CPU) < dense_mb / 8, backend
+
+
+def test_op_flops_counts_coarse_score_and_fine_matmuls():
+    n, m, d = 6400, 1600, 32
+    assert op_flops(1, 1, n, m, 0) == 4 * n * m * d
+    assert op_flops(2, 1, n, m, 8) == 2 * (4 * n * m * d + 2 * n * m * d + 4 * n * 32 * d)
+    assert op_flops(1, 1, 16, 4, 100) == op_flops(1, 1, 16, 4, 4)  # top-k is capped at M
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_table(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        results = main(["--quick", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["machine"]["torch"] == torch.__version__ and saved["gemm"]["gflops"] > 0
+    assert {r["backend"] for r in saved["op"]} >= {"bare sdpa", "naive", "sdpa"}
+    assert all(r["ms"] > 0 and r["peak_mb"] > 0 for r in saved["op"])
+    labels = {"yolo12n", "yolo11n-pst k=0", "yolo11n-pst k=8", "yolo11n-pst k=8 naive"}
+    assert {r["model"] for r in saved["models"] if r["runtime"] == "pytorch"} == labels
+    assert {r["model"] for r in saved["train"]} == {"yolo12n", "yolo11n-pst"}
+    assert len(saved["targets"]) == len(results["targets"])
+    assert saved["score_step"][0]["variant"] == "dense N x M softmax"
+    report = (tmp_path / "bench.md").read_text()
+    assert "### Targets and ratios" in report and "yolo11n-pst k=8" in report
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_cli_dispatches_bench():
+    result = subprocess.run([sys.executable, "-m", "pst_yolo", "bench", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--model-batches" in result.stdout
