@@ -39,7 +39,7 @@ TARGET_SHAPE = (640, "P3")  # the op target: 80x80 queries over 40x40 keys, 1 he
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 SCORE_DENSE = "dense N x M softmax"
 SCORE_FUSED = "blocked fused pass (naive)"
-SCORE_SDPA = "SDPA + log-sum-exp score pass (sdpa)"
+SCORE_SDPA = "sdpa backend (CPU: the fused blocked pass)"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -229,8 +229,8 @@ def bench_score_step(args, device, dtype) -> list[dict]:
     """Eq. 2 + eq. 3 at 640 P3 (80x80 over 40x40, 1 head) and batch ``score_batch``: time and peak memory.
 
     Variants: the dense matrix (what a plain implementation holds), the fused blocked pass (``naive`` backend), the
-    SDPA kernel plus a blocked pass from its row log-sum-exp (``sdpa`` backend), and the SDPA kernel plus a blocked
-    pass that recomputes the softmax.
+    ``sdpa`` backend's path (on CPU the same fused pass; on CUDA the SDPA kernel plus a blocked score pass), and the
+    SDPA kernel plus a blocked pass that recomputes the softmax.
     """
     from .ops import attention, coarse_attention_with_scores, coarse_key_scores
     from .ops.pyramid_sparse_attention import blocked_attention_with_scores
