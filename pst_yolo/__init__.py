@@ -8,6 +8,15 @@ from .nn import PST, PSAttn, PSAttnBlock, set_topk
 from .ops import get_backend, pyramid_sparse_attention, set_backend, use_backend
 
 __version__ = "0.1.0"
-__all__ = ("PST", "PSAttn", "PSAttnBlock", "get_backend", "pyramid_sparse_attention", "set_backend", "set_topk", "use_backend")
+__all__ = (
+    "PST",
+    "PSAttn",
+    "PSAttnBlock",
+    "get_backend",
+    "pyramid_sparse_attention",
+    "set_backend",
+    "set_topk",
+    "use_backend",
+)
 
 register()

@@ -434,25 +434,35 @@ def targets(results: dict, model_topk: int) -> list[dict]:
     return [
         target(
             "YOLO11n-PST k=0 / YOLO12n latency (PyTorch, batch 1)",
-            model_ratio(f"{pst} k=0", "yolo12n"), "<=", 1.15,
+            model_ratio(f"{pst} k=0", "yolo12n"),
+            "<=",
+            1.15,
         ),
         target(
             "YOLO11n-PST k=0 / YOLO12n latency (ONNX Runtime, batch 1)",
-            model_ratio(f"{pst} k=0", "yolo12n", "onnxruntime"), "<=", 1.15,
+            model_ratio(f"{pst} k=0", "yolo12n", "onnxruntime"),
+            "<=",
+            1.15,
         ),
         target("PSA op 80x80/40x40 k=8 / bare SDPA latency", sdpa_k8 and sdpa_k8["x_sdpa_ms"], "<=", 2.0),
         target("PSA op 80x80/40x40 k=8 / bare SDPA peak memory", sdpa_k8 and sdpa_k8["x_sdpa_mem"], "<=", 4.0),
         target(
             "train step throughput YOLO11n-PST / YOLO12n",
-            ratio(find(train, model="yolo12n"), find(train, model=pst), "ms"), ">=", 0.95,
+            ratio(find(train, model="yolo12n"), find(train, model=pst), "ms"),
+            ">=",
+            0.95,
         ),
         target(
             f"fine attention: YOLO11n-PST k={k} / k=0 latency (PyTorch)",
-            model_ratio(f"{pst} k={k}", f"{pst} k=0"), "<=", 1.05,
+            model_ratio(f"{pst} k={k}", f"{pst} k=0"),
+            "<=",
+            1.05,
         ),
         target(
             f"fine attention: YOLO11n-PST k={k} / k=0 latency (ONNX Runtime)",
-            model_ratio(f"{pst} k={k}", f"{pst} k=0", "onnxruntime"), "<=", 1.05,
+            model_ratio(f"{pst} k={k}", f"{pst} k=0", "onnxruntime"),
+            "<=",
+            1.05,
         ),
         target(
             f"fine attention, fused score pass (naive backend): YOLO11n-PST k={k} / k=0 (PyTorch)",

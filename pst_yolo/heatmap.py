@@ -118,6 +118,7 @@ def selection_boxes(selection: dict, input_hw: tuple[int, int], image_hw: tuple[
     fine = np.stack((fc * sx, fr * sy, (fc + 1) * sx, (fr + 1) * sy), -1)
     cr, cc = np.divmod(selection["coarse_index"], selection["coarse_grid"][1])
     coarse = np.stack((2 * cc * sx, 2 * cr * sy, np.minimum(2 * cc + 2, W) * sx, np.minimum(2 * cr + 2, H) * sy), -1)
+
     def in_image(boxes: np.ndarray) -> np.ndarray:
         return scale_boxes(input_hw, boxes.reshape(-1, 4).astype(np.float32), image_hw).reshape(boxes.shape)
 

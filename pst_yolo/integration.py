@@ -129,7 +129,10 @@ def _emit_layer_table(records: list, layers: nn.Sequential, rows: list[int]) -> 
         index = record.getMessage()[:3].strip()
         if index.isdigit() and int(index) in rows:
             m = layers[int(index)]
-            record.msg, record.args = f"{m.i:>3}{m.f!s:>20}{len(m.blocks):>3}{m.np:10.0f}  {m.type:<45}{m.args!s:<30}", None
+            record.msg, record.args = (
+                f"{m.i:>3}{m.f!s:>20}{len(m.blocks):>3}{m.np:10.0f}  {m.type:<45}{m.args!s:<30}",
+                None,
+            )
         LOGGER.handle(record)
 
 
@@ -185,9 +188,13 @@ def register() -> None:
     parse._pst_yolo = True
     tasks.parse_model = parse
     stock_fuse = tasks.BaseModel.fuse
-    tasks.BaseModel.fuse = functools.wraps(stock_fuse)(lambda self, *a, **k: fuse_with_fine_norm(stock_fuse, self, *a, **k))
+    tasks.BaseModel.fuse = functools.wraps(stock_fuse)(
+        lambda self, *a, **k: fuse_with_fine_norm(stock_fuse, self, *a, **k)
+    )
     if not callable(getattr(tasks, "check_yaml", None)):
         raise _incompatible("ultralytics.nn.tasks.check_yaml is missing")
-    tasks.check_yaml = functools.wraps(tasks.check_yaml)(functools.partial(check_yaml_with_plugin_configs, tasks.check_yaml))
+    tasks.check_yaml = functools.wraps(tasks.check_yaml)(
+        functools.partial(check_yaml_with_plugin_configs, tasks.check_yaml)
+    )
     if hasattr(torch.serialization, "add_safe_globals"):
         torch.serialization.add_safe_globals(list(SAFE_GLOBALS))

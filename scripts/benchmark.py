@@ -1,6 +1,6 @@
 """Benchmark suite (same as ``pst-yolo bench``): PSA op, score step, models, training step; see pst_yolo/benchmark.py.
 
-    python scripts/benchmark.py --out runs/bench
+python scripts/benchmark.py --out runs/bench
 """
 
 from pst_yolo.benchmark import main

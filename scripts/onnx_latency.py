@@ -81,8 +81,10 @@ def main(argv: list[str] | None = None) -> dict:
         "onnxruntime": ort.__version__,
         "median_ms": {name: statistics.median(t) for name, t in times.items()},
     }
-    print(f"\nONNX Runtime {ort.__version__} CPU, {args.threads} threads, {args.imgsz}x{args.imgsz}, "
-          f"median of {args.rounds} interleaved runs")
+    print(
+        f"\nONNX Runtime {ort.__version__} CPU, {args.threads} threads, {args.imgsz}x{args.imgsz}, "
+        f"median of {args.rounds} interleaved runs"
+    )
     print("| model | median ms | vs YOLO11n |\n|---|---|---|")
     base = results["median_ms"]["YOLO11n"]
     for name, ms in results["median_ms"].items():

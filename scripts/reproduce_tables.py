@@ -141,7 +141,9 @@ def parse_results(pairs: list[str]) -> dict[str, Path]:
     for pair in pairs:
         key, sep, path = pair.partition("=")
         if not sep or not Path(path).exists():
-            raise SystemExit(f"--result {pair!r}: expected MODEL=PATH with an existing PATH (a val JSON or run folder).")
+            raise SystemExit(
+                f"--result {pair!r}: expected MODEL=PATH with an existing PATH (a val JSON or run folder)."
+            )
         results[key.removesuffix(".yaml")] = Path(path)
     return results
 

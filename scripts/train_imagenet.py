@@ -20,6 +20,7 @@ DEFAULT_DEVICES = "0,1,2,3,4,5,6,7"
 
 DEVICE_HINT = "Pass --devices with the GPUs you have (the recipe's batch 256 is global)."
 
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options; trailing ``key=value`` pairs are collected as Ultralytics overrides."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

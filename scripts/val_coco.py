@@ -24,6 +24,7 @@ COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
 
 DEVICE_HINT = "Pass --device cpu or an id that exists."
 
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,7 +53,9 @@ def coco_eval_classes():
             from pycocotools.coco import COCO
             from pycocotools.cocoeval import COCOeval
         except ImportError:
-            raise SystemExit("COCO-API metrics need faster-coco-eval or pycocotools: pip install faster-coco-eval") from None
+            raise SystemExit(
+                "COCO-API metrics need faster-coco-eval or pycocotools: pip install faster-coco-eval"
+            ) from None
     return COCO, COCOeval
 
 
@@ -129,7 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     data = write_coco_data_yaml(args.coco, args.out.parent)
     topks = list(PAPER_TOPKS) if args.sweep else args.topk
     rows = [validate(args, data, k) for k in topks] if has_psa(args.weights) else [validate(args, data, None)]
-    args.out.write_text(json.dumps({"weights": str(args.weights.resolve()), "imgsz": args.imgsz, "rows": rows}, indent=2))
+    args.out.write_text(
+        json.dumps({"weights": str(args.weights.resolve()), "imgsz": args.imgsz, "rows": rows}, indent=2)
+    )
     print_rows(rows)
     print(f"\nwritten: {args.out}")
 

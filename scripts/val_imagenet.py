@@ -17,11 +17,17 @@ from pathlib import Path
 
 DEVICE_HINT = "Pass --device cpu or an id that exists."
 
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", type=Path, required=True, help="trained checkpoint (best.pt)")
-    p.add_argument("--imagenet", type=Path, default=Path("datasets/imagenet"), help="ImageNet folder (train/ for class names, val/)")
+    p.add_argument(
+        "--imagenet",
+        type=Path,
+        default=Path("datasets/imagenet"),
+        help="ImageNet folder (train/ for class names, val/)",
+    )
     p.add_argument("--topk", type=int, nargs="+", default=[0, 8], help="top-k values to evaluate (0 = coarse only)")
     p.add_argument("--imgsz", type=int, default=224, help="image size (Table 3: 224)")
     p.add_argument("--batch", type=int, default=128, help="batch size")
@@ -72,7 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     check_inputs(args)
     args.out = (args.out or args.weights.resolve().parent.parent / "imagenet_val.json").resolve()
     rows = [validate(args, k) for k in args.topk] if has_psa(args.weights) else [validate(args, None)]
-    args.out.write_text(json.dumps({"weights": str(args.weights.resolve()), "imgsz": args.imgsz, "rows": rows}, indent=2))
+    args.out.write_text(
+        json.dumps({"weights": str(args.weights.resolve()), "imgsz": args.imgsz, "rows": rows}, indent=2)
+    )
     print("\n| top-k | top-1 | top-5 | ms/img |\n|---|---|---|---|")
     for r in rows:
         print(f"| {'-' if r['topk'] is None else r['topk']} | {100 * r['top1']:.1f} | {100 * r['top5']:.1f} "

@@ -190,7 +190,10 @@ def test_converted_checkpoint_runs_with_stock_yolo(authors_checkpoint, tmp_path)
     env = {**os.environ, "YOLO_OFFLINE": "true", "YOLO_AUTOINSTALL": "false", "YOLO_CONFIG_DIR": str(tmp_path / "cfg")}
     result = subprocess.run(
         [yolo, "predict", f"model={dst}", f"source={ASSETS / 'bus.jpg'}", "imgsz=96", f"project={tmp_path}", "name=p"],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "p" / "bus.jpg").is_file()

@@ -19,7 +19,9 @@ PST_YOLO = Path(sys.executable).with_name("pst-yolo")
 
 def read_labels(root: Path, split: str) -> np.ndarray:
     """All label rows of a split as an (N, 5) array: class, x_center, y_center, width, height."""
-    rows = [line.split() for f in sorted((root / "labels" / split).glob("*.txt")) for line in f.read_text().splitlines()]
+    rows = [
+        line.split() for f in sorted((root / "labels" / split).glob("*.txt")) for line in f.read_text().splitlines()
+    ]
     return np.array(rows, dtype=float).reshape(-1, 5)
 
 

@@ -33,7 +33,9 @@ def make_dataset(root: Path, n_train=8, n_val=4, size=128) -> Path:
                 patch = cv2.resize(source, (int(w), int(h)))
                 px, py = rng.integers(0, size - w), rng.integers(0, size - h)
                 scene[py : py + h, px : px + w] = patch
-                labels.append(f"{cls} {(px + w / 2) / size:.6f} {(py + h / 2) / size:.6f} {w / size:.6f} {h / size:.6f}")
+                labels.append(
+                    f"{cls} {(px + w / 2) / size:.6f} {(py + h / 2) / size:.6f} {w / size:.6f} {h / size:.6f}"
+                )
             cv2.imwrite(str(root / split / "images" / f"{i}.jpg"), scene)
             (root / split / "labels" / f"{i}.txt").write_text("\n".join(labels) + "\n")
     data = root / "data.yaml"
@@ -65,8 +67,21 @@ RAW_OUTPUTS = """
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     data = make_dataset(root / "data")
-    yolo("train", "model=yolo11n-pst.yaml", f"data={data}", "epochs=2", "imgsz=96", "batch=4", "workers=0",
-         "device=cpu", "plots=False", f"project={root / 'runs'}", "name=train", "seed=0", cwd=root)
+    yolo(
+        "train",
+        "model=yolo11n-pst.yaml",
+        f"data={data}",
+        "epochs=2",
+        "imgsz=96",
+        "batch=4",
+        "workers=0",
+        "device=cpu",
+        "plots=False",
+        f"project={root / 'runs'}",
+        "name=train",
+        "seed=0",
+        cwd=root,
+    )
     best = root / "runs" / "train" / "weights" / "best.pt"
     assert best.exists()
     return root, data, best
@@ -74,15 +89,34 @@ def trained(tmp_path_factory):
 
 def test_val_rect_and_odd_size(trained):
     root, data, best = trained
-    out = yolo("val", f"model={best}", f"data={data}", "imgsz=100", "rect=True", "batch=2", "workers=0", "device=cpu", cwd=root)
+    out = yolo(
+        "val", f"model={best}", f"data={data}", "imgsz=100", "rect=True", "batch=2", "workers=0", "device=cpu", cwd=root
+    )
     assert "all" in out
 
 
 def test_predict_bus_and_topk_key(trained):
     root, _, best = trained
-    yolo("predict", f"model={best}", f"source={ASSETS / 'bus.jpg'}", "imgsz=200", f"project={root / 'runs'}", "name=pred", cwd=root)
+    yolo(
+        "predict",
+        f"model={best}",
+        f"source={ASSETS / 'bus.jpg'}",
+        "imgsz=200",
+        f"project={root / 'runs'}",
+        "name=pred",
+        cwd=root,
+    )
     assert (root / "runs" / "pred" / "bus.jpg").exists()
-    out = yolo("predict", f"model={best}", f"source={ASSETS / 'bus.jpg'}", "imgsz=160", "topk=0", "save=False", cwd=root, exe="pst-yolo")
+    out = yolo(
+        "predict",
+        f"model={best}",
+        f"source={ASSETS / 'bus.jpg'}",
+        "imgsz=160",
+        "topk=0",
+        "save=False",
+        cwd=root,
+        exe="pst-yolo",
+    )
     assert "bus.jpg" in out
 
 
@@ -94,8 +128,13 @@ def test_reload_in_fresh_process_is_deterministic_and_fine_attention_matters(tra
     runs = []
     for i in range(2):
         out_file = root / f"raw{i}.pt"
-        result = subprocess.run([sys.executable, "-c", textwrap.dedent(RAW_OUTPUTS), str(best), str(root / "x.pt"), str(out_file)],
-                                env=ENV, capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(RAW_OUTPUTS), str(best), str(root / "x.pt"), str(out_file)],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         runs.append(torch.load(out_file))
     for k in (0, 8):
@@ -120,14 +159,28 @@ def test_ddp_entry_file_trains_in_fresh_interpreter(trained):
     from ultralytics.utils.dist import generate_ddp_file
 
     root, data, _ = trained
-    overrides = dict(model="yolo11n-pst.yaml", data=str(data), epochs=1, imgsz=64, batch=4, workers=0, device="cpu",
-                     plots=False, project=str(root / "runs"), name="ddp", exist_ok=True, verbose=False)
+    overrides = dict(
+        model="yolo11n-pst.yaml",
+        data=str(data),
+        epochs=1,
+        imgsz=64,
+        batch=4,
+        workers=0,
+        device="cpu",
+        plots=False,
+        project=str(root / "runs"),
+        name="ddp",
+        exist_ok=True,
+        verbose=False,
+    )
     trainer = DetectionTrainer(overrides=overrides)
     trainer.model = trainer.get_model(cfg="yolo11n-pst.yaml", verbose=False)
     entry = Path(generate_ddp_file(trainer))
     try:
         env = {**ENV, "PST_YOLO_DISABLE_HOOK": "1"}
-        result = subprocess.run([sys.executable, str(entry)], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+        result = subprocess.run(
+            [sys.executable, str(entry)], cwd=root, env=env, capture_output=True, text=True, timeout=900
+        )
         assert result.returncode == 0, result.stderr[-5000:]
         assert (root / "runs" / "ddp" / "weights" / "last.pt").exists()
     finally:

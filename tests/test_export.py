@@ -127,8 +127,10 @@ def assert_matches_torch(checkpoint: Path, k: int, x: torch.Tensor, exported: np
     fp64 = torch_output(reference_model(checkpoint, k).double(), x.double())
     torch_error, export_error = max_abs_diff(fp64, fp32, task, size), max_abs_diff(fp64, exported, task, size)
     vs_fp32 = max_abs_diff(fp32, exported, task, size)
-    print(f"\n[parity] {label} k={k} {tuple(x.shape)}: max|export - torch fp32| = {vs_fp32:.2e}; vs fp64: export "
-          f"{export_error:.2e}, torch fp32 {torch_error:.2e}")
+    print(
+        f"\n[parity] {label} k={k} {tuple(x.shape)}: max|export - torch fp32| = {vs_fp32:.2e}; vs fp64: export "
+        f"{export_error:.2e}, torch fp32 {torch_error:.2e}"
+    )
     assert vs_fp32 < ATOL
     assert export_error <= 2 * torch_error + 1e-6, (export_error, torch_error)
 

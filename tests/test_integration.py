@@ -19,7 +19,9 @@ ENV = {**os.environ, "YOLO_OFFLINE": "true", "YOLO_AUTOINSTALL": "false"}
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
     """Run code in a fresh interpreter (the start-up hook, not this process's imports, must register PST)."""
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env={**ENV, **env}, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env={**ENV, **env}, capture_output=True, text=True, timeout=300
+    )
 
 
 def pst_layers(model):
@@ -31,8 +33,18 @@ def test_channel_inference_yolo11n_pst():
     layers = pst_layers(DetectionModel("yolo11n-pst.yaml", verbose=False))
     assert sorted(layers) == [11, 14]
     p4, p3 = layers[11], layers[14]
-    assert (p4.cv1.conv.in_channels, p4.cvup.conv.in_channels, p4.cv2.conv.out_channels, len(p4.blocks)) == (384, 256, 128, 1)
-    assert (p3.cv1.conv.in_channels, p3.cvup.conv.in_channels, p3.cv2.conv.out_channels, len(p3.blocks)) == (256, 128, 64, 1)
+    assert (p4.cv1.conv.in_channels, p4.cvup.conv.in_channels, p4.cv2.conv.out_channels, len(p4.blocks)) == (
+        384,
+        256,
+        128,
+        1,
+    )
+    assert (p3.cv1.conv.in_channels, p3.cvup.conv.in_channels, p3.cv2.conv.out_channels, len(p3.blocks)) == (
+        256,
+        128,
+        64,
+        1,
+    )
     assert p4.f == [-1, 8] and p3.f == [-1, 6]
 
 
@@ -81,7 +93,10 @@ def test_startup_hook_registers_for_stock_ultralytics():
     code = "import ultralytics.nn.tasks as t, sys; print(hasattr(t, 'PST'), 'pst_yolo' in sys.modules)"
     assert run_python(code).stdout.split() == ["True", "True"]
     assert run_python(code, PST_YOLO_DISABLE_HOOK="1").stdout.split() == ["False", "False"]
-    assert run_python("import json, sys; print('pst_yolo' in sys.modules, 'torch' in sys.modules)").stdout.split() == ["False", "False"]
+    assert run_python("import json, sys; print('pst_yolo' in sys.modules, 'torch' in sys.modules)").stdout.split() == [
+        "False",
+        "False",
+    ]
 
 
 def test_checkpoint_loads_in_fresh_process_with_safe_load(tmp_path):
@@ -147,7 +162,11 @@ def test_python_m_entrypoint_and_bad_topk():
     import ultralytics
 
     env = {**ENV, "YOLO_VERBOSE": "true"}
-    result = subprocess.run([sys.executable, "-m", "pst_yolo", "version"], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "pst_yolo", "version"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and ultralytics.__version__ in result.stdout + result.stderr
-    result = subprocess.run([sys.executable, "-m", "pst_yolo", "val", "topk=eight"], env=ENV, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "pst_yolo", "val", "topk=eight"], env=ENV, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode != 0 and "topk must be a non-negative integer" in result.stderr

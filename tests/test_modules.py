@@ -20,7 +20,9 @@ def expected_params(c1, c_up, c2, e, n, mlp_ratio):
     return (c1 + c_up + 4) * c_ + n * (4 * c_**2 + 2 * hidden * c_ + 61 * c_ + 2 * hidden) + (n + 1) * c_ * c2 + 2 * c2
 
 
-@pytest.mark.parametrize("c1,c_up,c2,e,n,mlp_ratio", [(48, 80, 64, 0.5, 1, 2.0), (128, 256, 256, 0.5, 2, 2.0), (64, 64, 96, 1 / 3, 3, 1.5)])
+@pytest.mark.parametrize(
+    "c1,c_up,c2,e,n,mlp_ratio", [(48, 80, 64, 0.5, 1, 2.0), (128, 256, 256, 0.5, 2, 2.0), (64, 64, 96, 1 / 3, 3, 1.5)]
+)
 def test_param_count_formula(c1, c_up, c2, e, n, mlp_ratio):
     module = PST(c1, c_up, c2, n=n, mlp_ratio=mlp_ratio, e=e)
     assert sum(p.numel() for p in module.parameters()) == expected_params(c1, c_up, c2, e, n, mlp_ratio)

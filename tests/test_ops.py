@@ -34,7 +34,9 @@ def reference_psa(q, k, v, k_fine, v_fine, fine_hw, coarse_hw, topk, threshold):
                 if scores[b, h, m] <= threshold:
                     continue
                 i, j = divmod(m, Wu)
-                fine_tokens += [(2 * i + a) * W + 2 * j + c for a in (0, 1) for c in (0, 1) if 2 * i + a < H and 2 * j + c < W]
+                fine_tokens += [
+                    (2 * i + a) * W + 2 * j + c for a in (0, 1) for c in (0, 1) if 2 * i + a < H and 2 * j + c < W
+                ]
             if fine_tokens:  # eq. 4-5
                 k_sel, v_sel = k_fine[b, h, fine_tokens], v_fine[b, h, fine_tokens]
                 out[b, h] += torch.softmax(q[b, h] @ k_sel.T / math.sqrt(d), dim=-1) @ v_sel

@@ -77,7 +77,8 @@ def test_coco_partial_layout_names_missing_files(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("name", "dataset_arg", "make"), [("train_coco.py", "--coco", make_coco), ("train_imagenet.py", "--imagenet", make_imagenet)]
+    ("name", "dataset_arg", "make"),
+    [("train_coco.py", "--coco", make_coco), ("train_imagenet.py", "--imagenet", make_imagenet)],
 )
 def test_too_few_gpus(name, dataset_arg, make, tmp_path):
     import torch

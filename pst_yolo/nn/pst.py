@@ -60,7 +60,9 @@ class PST(nn.Module):
         torch.Size([1, 128, 40, 40])
     """
 
-    def __init__(self, c1: int, c_up: int, c2: int, n: int = 1, mlp_ratio: float = 2.0, e: float = 0.5, k: int = 8, **attn_kwargs):
+    def __init__(
+        self, c1: int, c_up: int, c2: int, n: int = 1, mlp_ratio: float = 2.0, e: float = 0.5, k: int = 8, **attn_kwargs
+    ):
         super().__init__()
         c_ = int(c2 * e)
         if c_ <= 0 or c_ % HEAD_DIM:

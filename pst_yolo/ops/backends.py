@@ -57,7 +57,12 @@ def use_backend(name: str):
 
 def is_exporting() -> bool:
     """True while tracing/scripting/compiling, where only plain PyTorch ops may run."""
-    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+    return (
+        torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or torch.onnx.is_in_onnx_export()
+        or torch.compiler.is_compiling()
+    )
 
 
 def unusable_reason(name: str, q: torch.Tensor, needs_grad: bool) -> str | None:
@@ -108,7 +113,9 @@ def resolve_backend(name: str | None, q: torch.Tensor) -> str:
     return name
 
 
-def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def naive_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """Explicit ``softmax(q k^T / sqrt(d) + bias) v``; q (B, h, N, d), k/v (B, h, M, d) -> (B, h, N, d)."""
     logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, h, N, M)
     if bias is not None:
