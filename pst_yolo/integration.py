@@ -2,10 +2,11 @@
 
 ``register()`` (run by ``import pst_yolo``) wraps ``ultralytics.nn.tasks.parse_model``: a model YAML without PST rows
 goes straight to the stock parser. With PST rows, each row ``[[fine, upper], n, PST, [c2, mlp_ratio, e, k]]`` is
-first parsed by the stock code as ``[fine, n, C2f, [c2]]`` (``PSTFixedWidth``: ``HGBlock``, c2 unscaled), which gives a stock block's channel
-inference (``c1 = ch[fine]``, ``c2`` width-scaled and capped by ``max_channels``, ``n`` depth-scaled). A dry forward
-of that stand-in network reads every layer's output shape, which gives ``c_up = ch[upper]`` and checks that the
-upper map is half the fine map; then each stand-in is swapped for the real :class:`~pst_yolo.nn.PST`.
+first parsed by the stock code as ``[fine, n, C2f, [c2]]`` (``PSTFixedWidth``: ``HGBlock``, c2 unscaled), which
+gives a stock block's channel inference (``c1 = ch[fine]``, ``c2`` width-scaled and capped by ``max_channels``,
+``n`` depth-scaled). A dry forward of that stand-in network reads every layer's output shape, which gives
+``c_up = ch[upper]`` and checks that the upper map is half the fine map; then each stand-in is swapped for the real
+:class:`~pst_yolo.nn.PST`.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def _stand_in_dict(d: dict, rows: list[int]) -> dict:
         f, n, row_module, args = layers[i]
         if not isinstance(f, (list, tuple)) or len(f) != 2:
             raise PluginBuildError(
-                f"YAML layer {i}: PST needs 'from' = [fine, upper] (two inputs: the fine map and its upper map), got {f!r}."
+                f"YAML layer {i}: PST needs 'from' = [fine, upper] (two inputs: the fine map and its upper map), "
+                f"got {f!r}."
             )
         for j in f:
             if not isinstance(j, int) or not (-i <= j < i):
