@@ -129,21 +129,18 @@ def convert_state_dict(source: dict[str, torch.Tensor], keep_gate: bool) -> dict
     return state
 
 
-def match_authors_modules(model: nn.Module, keep_gate: bool) -> None:
-    """Give every PSA module of ``model`` the authors' gate when asked (pst-yolo computes the rest as they do).
-
-    The gate is created here (to be loaded), shaped like the authors' gate_conv1d.
-    """
+def add_authors_gates(model: nn.Module) -> None:
+    """Give every PSA module of ``model`` an eq. 7-8 gate shaped like the authors' gate_conv1d, to be loaded."""
     for m in model.modules():
         if isinstance(m, PSAttn):
-            if keep_gate:
-                m.gate = nn.Linear(2 * m.head_dim, m.head_dim)
+            m.gate = nn.Linear(2 * m.head_dim, m.head_dim)
 
 
 def convert_model(source_model: nn.Module, topk: int = 8, keep_gate: bool = False) -> nn.Module:
     """pst-yolo model with the weights of an authors' model (unpickled with :func:`load_authors_checkpoint`)."""
     model = build_model(converted_yaml(source_model.yaml, topk))
-    match_authors_modules(model, keep_gate)
+    if keep_gate:
+        add_authors_gates(model)
     state = convert_state_dict(source_model.float().state_dict(), keep_gate)
     own = model.state_dict()
     for key in own.keys() - state.keys():
