@@ -14,11 +14,11 @@ import importlib
 import sys
 
 TOOLS = {  # subcommand -> module with main(argv)
-    "demo": "pst_yolo.demo",
-    "bench": "pst_yolo.benchmark",
-    "heatmap": "pst_yolo.heatmap",
-    "convert": "pst_yolo.convert",
-    "sizes": "pst_yolo.model_sizes",
+    "demo": "pst_yolo.tools.demo",
+    "bench": "pst_yolo.tools.benchmark",
+    "heatmap": "pst_yolo.tools.heatmap",
+    "convert": "pst_yolo.tools.convert",
+    "sizes": "pst_yolo.tools.model_sizes",
 }
 
 

@@ -3,7 +3,7 @@
 python scripts/benchmark.py --out runs/bench
 """
 
-from pst_yolo.benchmark import main
+from pst_yolo.tools.benchmark import main
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,7 @@
         --result yolo11n-pst=runs/coco/yolo11n-pst --result yolo11n=runs/coco/yolo11n
 
 Every cell reads ``ours (paper)``. Sizes: parameters and GFLOPs of the fused model at 640 in the paper's convention
-(convolutions + linear layers), measured by ``pst_yolo.model_sizes`` from the shipped or stock YAML. Accuracy:
+(convolutions + linear layers), measured by ``pst_yolo.tools.model_sizes`` from the shipped or stock YAML. Accuracy:
 ``--result MODEL=PATH`` where PATH is a JSON written by scripts/val_coco.py or scripts/val_imagenet.py, or a run
 folder holding one (``coco_val.json`` / ``imagenet_val.json``), else its Ultralytics ``results.csv`` (best epoch;
 Ultralytics' own mAP, not the COCO API, and no AP75). COCO rows use top-k 8 (the paper's setting) when evaluated.
@@ -183,7 +183,7 @@ def measure_sizes(key: str) -> tuple[float, float] | str:
     from ultralytics.nn.tasks import guess_model_scale
 
     from pst_yolo.configs import find_model_config
-    from pst_yolo.model_sizes import config_scales, measure
+    from pst_yolo.tools.model_sizes import config_scales, measure
 
     config = find_model_config(f"{key}.yaml")
     if config is None:

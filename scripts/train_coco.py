@@ -7,7 +7,7 @@
 
 The recipe (cfg/recipes/pst-det-{n,s,m}.yaml) follows the model's scale letter unless --recipe is given; any
 ``key=value`` after the options overrides it (e.g. ``epochs=300``). ``--coco`` is a folder in Ultralytics' COCO
-layout (see ``pst_yolo.datasets.missing_coco_paths``). Training runs coarse-only (the fine branch is an inference
+layout (see ``pst_yolo.tools.datasets.missing_coco_paths``). Training runs coarse-only (the fine branch is an inference
 switch); the final validation uses the model's top-k (8). Evaluate with scripts/val_coco.py afterwards.
 """
 
@@ -52,7 +52,7 @@ def recipe_for(model: str, recipe: str | None) -> Path:
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Exit with a clear message when the COCO folder or the requested GPUs are missing."""
-    from pst_yolo.datasets import exit_unless_ready, missing_coco_paths
+    from pst_yolo.tools.datasets import exit_unless_ready, missing_coco_paths
 
     exit_unless_ready("COCO data set", missing_coco_paths(args.coco), args.devices, DEVICE_HINT)
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     import pst_yolo  # noqa: F401  registers PST with Ultralytics' parser
     from ultralytics import YOLO
 
-    from pst_yolo.datasets import write_coco_data_yaml
+    from pst_yolo.tools.datasets import write_coco_data_yaml
 
     recipe = recipe_for(args.model, args.recipe)
     name = args.name or Path(args.model).stem

@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Exit with a clear message when the ImageNet folder or the requested GPUs are missing."""
-    from pst_yolo.datasets import exit_unless_ready, missing_imagenet_paths
+    from pst_yolo.tools.datasets import exit_unless_ready, missing_imagenet_paths
 
     exit_unless_ready("ImageNet data set", missing_imagenet_paths(args.imagenet), args.devices, DEVICE_HINT)
 

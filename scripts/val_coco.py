@@ -79,7 +79,7 @@ def val2017_image_ids(coco: Path) -> list[int]:
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Exit with a clear message when the weights, COCO val2017, the COCO API or the GPU are missing."""
-    from pst_yolo.datasets import exit_unless_ready, missing_coco_paths
+    from pst_yolo.tools.datasets import exit_unless_ready, missing_coco_paths
 
     if not args.weights.is_file():
         raise SystemExit(f"Weights not found: {args.weights}")
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     """Check inputs, validate at each top-k, write the JSON."""
     args = parse_args(argv)
     check_inputs(args)
-    from pst_yolo.datasets import write_coco_data_yaml
+    from pst_yolo.tools.datasets import write_coco_data_yaml
 
     args.out = (args.out or args.weights.resolve().parent.parent / "coco_val.json").resolve()
     data = write_coco_data_yaml(args.coco, args.out.parent)

@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Exit with a clear message when the weights, the ImageNet val split or the GPU are missing."""
-    from pst_yolo.datasets import exit_unless_ready, missing_imagenet_paths
+    from pst_yolo.tools.datasets import exit_unless_ready, missing_imagenet_paths
 
     if not args.weights.is_file():
         raise SystemExit(f"Weights not found: {args.weights}")

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from pst_yolo.benchmark import main, op_flops, peak_memory_mb, time_round_robin
+from pst_yolo.tools.benchmark import main, op_flops, peak_memory_mb, time_round_robin
 from pst_yolo.ops import coarse_attention_with_scores
 
 CPU = torch.device("cpu")

@@ -18,7 +18,7 @@ from ultralytics.nn.modules import Conv
 from ultralytics.nn.tasks import DetectionModel
 
 import pst_yolo
-from pst_yolo.convert import convert_checkpoint, kv_channel_order, main
+from pst_yolo.tools.convert import convert_checkpoint, kv_channel_order, main
 
 AUTHORS_MODULE = "ultralytics.nn.modules.block"
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pst_yolo.datasets import build_digits_detection
+from pst_yolo.tools.datasets import build_digits_detection
 
 PST_YOLO = Path(sys.executable).with_name("pst-yolo")
 

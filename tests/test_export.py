@@ -29,7 +29,7 @@ from ultralytics.nn.modules import Detect
 from ultralytics.utils import ASSETS
 
 from pst_yolo import PSAttn, set_topk
-from pst_yolo.tensorrt_check import check_tensorrt_compatible
+from pst_yolo.tools.tensorrt_check import check_tensorrt_compatible
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

@@ -8,7 +8,7 @@ from ultralytics import YOLO
 from ultralytics.utils import ASSETS
 
 import pst_yolo
-from pst_yolo.heatmap import HEAD_COLORS, attention_maps, main, render, save_heatmaps
+from pst_yolo.tools.heatmap import HEAD_COLORS, attention_maps, main, render, save_heatmaps
 
 BUS = ASSETS / "bus.jpg"
 IMGSZ = 320  # bus.jpg (1080 x 810) -> 320 x 256 input: 8 px of padding left and right, odd-free grids

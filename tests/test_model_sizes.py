@@ -1,6 +1,6 @@
 """Every shipped config builds at every scale it defines, by the short name users pass, with the documented size.
 
-Sizes are those of ``pst_yolo.model_sizes`` (fused, eval, k=0; GFLOPs in the paper's convention at 640).
+Sizes are those of ``pst_yolo.tools.model_sizes`` (fused, eval, k=0; GFLOPs in the paper's convention at 640).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from ultralytics import YOLO
 
 from pst_yolo.configs import model_configs
-from pst_yolo.model_sizes import (
+from pst_yolo.tools.model_sizes import (
     PAPER_ROWS,
     ModelSize,
     all_flops,

@@ -34,9 +34,9 @@ from ultralytics.nn.tasks import (
 )
 from ultralytics.utils import YAML
 
-from .configs import model_configs
-from .nn import set_topk
-from .ops import use_backend
+from ..configs import model_configs
+from ..nn import set_topk
+from ..ops import use_backend
 
 IMGSZ = 640
 CLS_IMGSZ = 224

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .nn import PSAttn
+from ..nn import PSAttn
 
 AUTHORS_MODULE = "ultralytics.nn.modules.block"
 AUTHORS_BLOCK_KEY = re.compile(r"^(model\.\d+)\.attnlayer_(\d+)\.")

@@ -1,6 +1,6 @@
 """``pst-yolo demo``: train and compare a PST detector and the stock YOLO it extends, on real data, offline, on CPU.
 
-The data are real handwritten digits (scikit-learn's bundled scans, see ``pst_yolo.datasets``) composited onto
+The data are real handwritten digits (scikit-learn's bundled scans, see ``pst_yolo.tools.datasets``) composited onto
 textured backgrounds: 10 classes, YOLO labels, nothing downloaded. Both models train from scratch with the same
 seed, epochs, image size, batch and data; both are validated, the PST model with fine attention off and on
 (k=0 and k=8, paper Table 4a); a table of mAP50, mAP50-95, parameters, GFLOPs and validation time is printed and
@@ -130,7 +130,7 @@ def validate(weights: Path, data: Path, args: argparse.Namespace, project: Path,
     from ultralytics import YOLO
     from ultralytics.utils.torch_utils import get_flops, get_num_params
 
-    from .nn import set_topk
+    from ..nn import set_topk
 
     model = YOLO(str(weights))
     if topk is not None and set_topk(model.model, topk) == 0:

@@ -6,7 +6,7 @@ supported, and the restrictions that matter for exported detectors (TopK ``K`` s
 ``sorted=1``; ``axes`` inputs constant; Resize modes). Random operators are parsed by TensorRT (seed ignored) but
 are reported here too: an exported detector must be deterministic.
 
-    python -m pst_yolo.tensorrt_check model.onnx   # prints the problems, exit code 1 if any
+    python -m pst_yolo.tools.tensorrt_check model.onnx   # prints the problems, exit code 1 if any
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     """Print the TensorRT problems of each ONNX file given; exit code 1 if any."""
     paths = sys.argv[1:] if argv is None else argv
     if not paths:
-        raise SystemExit("usage: python -m pst_yolo.tensorrt_check MODEL.onnx [...]")
+        raise SystemExit("usage: python -m pst_yolo.tools.tensorrt_check MODEL.onnx [...]")
     failed = False
     for path in paths:
         problems = check_tensorrt_compatible(path)

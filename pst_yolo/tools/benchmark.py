@@ -184,7 +184,7 @@ def op_flops(batch: int, heads: int, n: int, m: int, topk: int) -> int:
 
 
 def usable_backends(names: list[str], device: torch.device, dtype: torch.dtype) -> list[str]:
-    from .ops.backends import unusable_reason
+    from ..ops.backends import unusable_reason
 
     probe = torch.zeros(1, 1, 1, HEAD_DIM, device=device, dtype=dtype)
     return [b for b in names if unusable_reason(b, probe, needs_grad=False) is None]
@@ -192,7 +192,7 @@ def usable_backends(names: list[str], device: torch.device, dtype: torch.dtype) 
 
 def bench_op(args, device, dtype, gemm: float) -> list[dict]:
     """Latency, peak memory and throughput of ``pyramid_sparse_attention`` per size, level, backend and top-k."""
-    from .ops import attention, pyramid_sparse_attention
+    from ..ops import attention, pyramid_sparse_attention
 
     rows = []
     for imgsz in args.op_sizes:
@@ -232,8 +232,8 @@ def bench_score_step(args, device, dtype) -> list[dict]:
     ``sdpa`` backend's path (on CPU the same fused pass; on CUDA the SDPA kernel plus a blocked score pass), and the
     SDPA kernel plus a blocked pass that recomputes the softmax.
     """
-    from .ops import attention, coarse_attention_with_scores, coarse_key_scores
-    from .ops.pyramid_sparse_attention import blocked_attention_with_scores
+    from ..ops import attention, coarse_attention_with_scores, coarse_key_scores
+    from ..ops.pyramid_sparse_attention import blocked_attention_with_scores
 
     (q, k, v, _, _), _ = psa_inputs(args.score_batch, 1, (args.imgsz // 8, args.imgsz // 8), device, dtype)
 
@@ -268,7 +268,7 @@ def build_model(name: str, device: torch.device):
 
 
 def is_pst(model: torch.nn.Module) -> bool:
-    from .nn import PSAttn
+    from ..nn import PSAttn
 
     return any(isinstance(m, PSAttn) for m in model.modules())
 
@@ -291,8 +291,8 @@ def model_variants(names: list[str], topk: int, backends: list[str], device) -> 
 
 
 def forward_with_topk(model: torch.nn.Module, topk: int | None, backend: str, x: torch.Tensor) -> Callable[[], object]:
-    from .nn import set_topk
-    from .ops import use_backend
+    from ..nn import set_topk
+    from ..ops import use_backend
 
     def run():
         if topk is not None:
@@ -317,7 +317,7 @@ def bench_models_eager(args, variants: dict, device) -> list[dict]:
 
 def export_onnx(model: torch.nn.Module, topk: int | None, x: torch.Tensor, path: Path) -> Path:
     """TorchScript ONNX export (opset 18, static shapes), the exporter Ultralytics 8.4 uses."""
-    from .nn import set_topk
+    from ..nn import set_topk
 
     if topk is not None:
         set_topk(model, topk)

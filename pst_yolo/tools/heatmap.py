@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .nn import PST, PSAttn
-from .ops import coarse_key_scores, select_fine_tokens
+from ..nn import PST, PSAttn
+from ..ops import coarse_key_scores, select_fine_tokens
 
 USAGE = __doc__.split("\n\n")[1]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
