@@ -2,7 +2,7 @@
 
     pst-yolo val model=best.pt data=data.yaml topk=8        # any `yolo` command; topk=K sets the PSA top-k
     pst-yolo export model=best.pt format=onnx topk=0 attn_backend=sdpa
-    pst-yolo demo | bench | heatmap | convert | sizes ...   # pst-yolo tools (each takes -h)
+    pst-yolo demo | bench | heatmap | convert | sizes | topk | check ...   # pst-yolo tools (each takes -h)
 
 ``topk=K`` (0 = coarse attention only) applies to every PSA module of the loaded model for val/predict/export (and
 to the validation passes of train); ``attn_backend=`` picks auto|naive|sdpa|flash|sage. Other keys go to ``yolo``.
@@ -19,6 +19,8 @@ TOOLS = {  # subcommand -> module with main(argv)
     "heatmap": "pst_yolo.tools.heatmap",
     "convert": "pst_yolo.tools.convert",
     "sizes": "pst_yolo.tools.model_sizes",
+    "topk": "pst_yolo.tools.topk",
+    "check": "pst_yolo.tools.check",
 }
 
 
@@ -34,6 +36,18 @@ def split_plugin_args(args: list[str]) -> tuple[dict[str, str], list[str]]:
     return ours, rest
 
 
+def warn_if_no_psa(args: list[str], topk: str) -> None:
+    """Warn that ``topk=K`` does nothing when the ``model=`` of a ``yolo`` command has no PSA module (as
+    ``pst-yolo demo`` refuses the same)."""
+    from ultralytics.utils import LOGGER
+
+    from .integration import has_psa_modules
+
+    model = next((a.split("=", 1)[1] for a in args if a.lstrip("-").startswith("model=")), None)
+    if model and has_psa_modules(model) is False:
+        LOGGER.warning(f"pst-yolo: topk={topk} has no effect: {model} has no PSA module (it is not a PST model).")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run a pst-yolo tool, or the stock Ultralytics entrypoint with pst-yolo's keys applied."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -46,12 +60,15 @@ def main(argv: list[str] | None = None) -> None:
 
     if "topk" in ours:
         try:
-            topk = int(ours["topk"])
+            pst_yolo.PSAttn.override_topk(int(ours["topk"]))
         except ValueError:
             raise SystemExit(f"pst-yolo: topk must be a non-negative integer, got '{ours['topk']}'.") from None
-        pst_yolo.PSAttn.override_topk(topk)
+        warn_if_no_psa(rest, ours["topk"])
     if "attn_backend" in ours:
-        pst_yolo.set_backend(ours["attn_backend"])
+        try:
+            pst_yolo.set_backend(ours["attn_backend"])
+        except ValueError as e:
+            raise SystemExit(f"pst-yolo: attn_backend: {e}") from None
     sys.argv[:] = ["yolo", *rest]  # Ultralytics reads its own alias of sys.argv
     entrypoint()
 

@@ -26,3 +26,37 @@ def find_model_config(name: str | Path) -> Path | None:
         if path.suffix in (".yaml", ".yml") and path.is_file():
             return path
     return None
+
+
+# The stock Ultralytics config each PST config extends: every row except the two PST rows keeps the stock row's index,
+# module and arguments, so `YOLO("yolo11n-seg-pst.yaml").load("yolo12n-seg.pt")` transfers the stock weights.
+STOCK_COUNTERPARTS = {
+    "yolo11-pst": "yolo12",
+    "yolo11-seg-pst": "yolo12-seg",
+    "yolo11-pose-pst": "yolo12-pose",
+    "yolo11-obb-pst": "yolo12-obb",
+    "yolo12-pst": "yolo12",
+    "yolo12-seg-pst": "yolo12-seg",
+    "yolo12-pose-pst": "yolo12-pose",
+    "yolo12-obb-pst": "yolo12-obb",
+    "yolo26-pst": "yolo26",
+    "yolo26-seg-pst": "yolo26-seg",
+    "yolo26-pose-pst": "yolo26-pose",
+    "yolo26-obb-pst": "yolo26-obb",
+}
+
+
+def stock_counterpart(name: str | Path) -> str | None:
+    """The stock model a PST model extends, at the same scale: ``yolo11n-seg-pst.yaml`` -> ``yolo12n-seg.yaml``.
+
+    Returns None for configs without a stock counterpart (ResNet-PST, classification, yolo11-c2psa-pst).
+    """
+    stem = Path(name).stem
+    match = re.match(r"^(yolo\d+)([nslmx]?)(.*)$", stem)
+    if not match:
+        return None
+    family, scale, rest = match.groups()
+    stock = STOCK_COUNTERPARTS.get(family + rest)
+    if stock is None:
+        return None
+    return re.sub(r"^(yolo\d+)", rf"\g<1>{scale}", stock) + ".yaml"

@@ -14,6 +14,9 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import re
+import zipfile
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -21,9 +24,11 @@ import ultralytics
 from ultralytics.nn import tasks
 from ultralytics.nn.modules import C2f, Conv, HGBlock
 from ultralytics.utils import LOGGER
+from ultralytics.utils.checks import check_version
 
 from .configs import find_model_config
 from .nn import PST, PSAttn, PSAttnBlock
+from .validation import check_int, check_type
 
 PLUGIN_MODULES = {"PST": PST, "PSTFixedWidth": PST}  # PSTFixedWidth: c2 taken as is, never width-scaled
 SAFE_GLOBALS = (PST, PSAttnBlock, PSAttn)
@@ -41,9 +46,69 @@ def _incompatible(what: str) -> RuntimeError:
     )
 
 
+def check_required_ultralytics(d: dict) -> None:
+    """Stop with a clear error when the YAML's ``requires_ultralytics: "X.Y.Z"`` is newer than the installed version.
+
+    YOLO26-PST configs need Ultralytics 8.4 (YOLO26 heads, ``end2end``); an older parser would fail on an unknown
+    module name or, worse, build a different head without saying so.
+    """
+    required = d.get("requires_ultralytics")
+    if required and not check_version(ultralytics.__version__, f">={required}"):
+        name = d.get("yaml_file", "this model YAML")
+        raise PluginBuildError(
+            f"{name} needs Ultralytics >= {required}, but {ultralytics.__version__} is installed; "
+            f"pip install -U 'ultralytics>={required}'."
+        )
+
+
 def _plugin_rows(d: dict) -> list[int]:
     """Indices of the rows whose module is a pst_yolo module."""
-    return [i for i, row in enumerate(d["backbone"] + d["head"]) if row[2] in PLUGIN_MODULES]
+    rows = d.get("backbone", []) + d.get("head", [])
+    return [i for i, row in enumerate(rows) if isinstance(row, list) and len(row) > 2 and row[2] in PLUGIN_MODULES]
+
+
+def check_scale(d: dict) -> None:
+    """Raise a clear error when the scale letter of the model name (``d["scale"]``) is not among the YAML's scales.
+
+    Stock Ultralytics fails there with ``KeyError: 'm'``.
+    """
+    scales, scale = d.get("scales"), d.get("scale")
+    if scales and scale and scale not in scales:
+        name = d.get("yaml_file", "the model YAML")
+        raise ValueError(
+            f"{name} asks for scale '{scale}' (the letter after the version in the model name), but its 'scales' are "
+            f"{', '.join(scales)}; use one of them, e.g. {_with_scale(str(name), scale, next(iter(scales)))}."
+        )
+
+
+def _with_scale(name: str, scale: str, other: str) -> str:
+    """The model file name with its scale letter swapped: ``yolo11m-pst.yaml`` -> ``yolo11n-pst.yaml``."""
+    stem = Path(name).name
+    renamed = re.sub(rf"(yolo(?:e-)?v?\d+){scale}", rf"\g<1>{other}", stem, count=1)
+    return renamed if renamed != stem else f"a name with scale '{other}'"
+
+
+def _check_row(i: int, row: list) -> None:
+    """Raise PluginBuildError unless PST row ``i`` is ``[[fine, upper], n, PST, [c2, (mlp_ratio, e, k)]]``."""
+    where = f"YAML layer {i}: PST"
+    if len(row) != 4:
+        raise PluginBuildError(f"{where} row must be [[fine, upper], n, PST, [c2, mlp_ratio, e, k]], got {row!r}.")
+    f, n, _, args = row
+    if not isinstance(f, (list, tuple)) or len(f) != 2:
+        raise PluginBuildError(
+            f"{where} needs 'from' = [fine, upper] (two inputs: the fine map and its upper map), got {f!r}."
+        )
+    for j in f:
+        if isinstance(j, bool) or not isinstance(j, int) or not (-i <= j < i):
+            raise PluginBuildError(f"{where} input {j!r} in 'from' {f} is not an earlier layer (missing upper map?).")
+    try:
+        check_int(n, "n (repeats)", where, minimum=1)
+        check_type(args, "args", list, "a list [c2, mlp_ratio, e, k]", where)
+        if not 1 <= len(args) <= 4:
+            raise ValueError(f"{where} args must be [c2, mlp_ratio, e, k] (c2 first, the rest optional), got {args}.")
+        check_int(args[0], "c2 (args[0])", where, minimum=1)
+    except (TypeError, ValueError) as e:
+        raise PluginBuildError(str(e)) from None
 
 
 def _stand_in_dict(d: dict, rows: list[int]) -> dict:
@@ -51,19 +116,8 @@ def _stand_in_dict(d: dict, rows: list[int]) -> dict:
     d = copy.deepcopy(d)
     layers = d["backbone"] + d["head"]
     for i in rows:
+        _check_row(i, layers[i])
         f, n, row_module, args = layers[i]
-        if not isinstance(f, (list, tuple)) or len(f) != 2:
-            raise PluginBuildError(
-                f"YAML layer {i}: PST needs 'from' = [fine, upper] (two inputs: the fine map and its upper map), "
-                f"got {f!r}."
-            )
-        for j in f:
-            if not isinstance(j, int) or not (-i <= j < i):
-                raise PluginBuildError(
-                    f"YAML layer {i}: PST input {j!r} in 'from' {f} is not an earlier layer (missing upper map?)."
-                )
-        if not args:
-            raise PluginBuildError(f"YAML layer {i}: PST args must start with c2, e.g. [512, 2.0, 0.5].")
         if row_module == "PST":  # stock C2f(c1, c2, n): c2 width-scaled and capped, n depth-scaled, like stock blocks
             layers[i][:] = [f[0], n, "C2f", [args[0]]]
         else:  # stock HGBlock(c1, cm, c2, k, n) keeps c2 as given; cm=8, k=1 keep the throw-away stand-in cheap
@@ -71,18 +125,45 @@ def _stand_in_dict(d: dict, rows: list[int]) -> dict:
     return d
 
 
-def _layer_output_shapes(layers: nn.Sequential, ch: int) -> list[torch.Size]:
-    """Run a no-grad dry forward of a parsed Sequential (routing by each layer's ``f``); return each output shape."""
+def _layer_output_shapes(layers: nn.Sequential, ch: int, pst_inputs: dict[int, list[int]]) -> list[torch.Size]:
+    """Run a no-grad dry forward of a parsed Sequential (routing by each layer's ``f``); return each output shape.
+
+    The pyramid of each PST row (``pst_inputs``: layer index -> [fine, upper]) is checked as soon as its inputs
+    exist, so that a wrong row is reported as itself, not as the failure of a later layer; a layer that fails on the
+    dry run is named too.
+    """
     outputs, shapes = [], []
     x = torch.zeros(1, ch, PROBE_SIZE, PROBE_SIZE)
     with torch.no_grad():
-        for m in layers.eval():
+        for i, m in enumerate(layers.eval()):
+            if i in pst_inputs:
+                _check_pyramid(i, pst_inputs[i], shapes)
             if m.f != -1:
                 x = outputs[m.f] if isinstance(m.f, int) else [x if j == -1 else outputs[j] for j in m.f]
-            x = m(x)
+            try:
+                x = m(x)
+            except (RuntimeError, ValueError, TypeError) as e:
+                raise PluginBuildError(
+                    f"YAML layer {i} ({type(m).__name__}, from {m.f}) fails on a {PROBE_SIZE}px dry run: {e}"
+                ) from e
             outputs.append(x)
             shapes.append(x.shape if isinstance(x, torch.Tensor) else None)
     return shapes
+
+
+def _check_pyramid(index: int, f: list[int], shapes: list) -> None:
+    """Raise PluginBuildError unless PST row ``index`` reads a fine map and its half-size upper map, in that order."""
+    fine, upper = (shapes[j % index] for j in f)
+    if upper is None or fine is None:
+        raise PluginBuildError(f"YAML layer {index}: PST inputs {f} must be single feature maps.")
+    expected = ((fine[2] + 1) // 2, (fine[3] + 1) // 2)
+    if tuple(upper[2:]) != expected:
+        swapped = upper[2] * upper[3] > fine[2] * fine[3]
+        hint = f"; swapped? write 'from' as [fine, upper] = [{f[1]}, {f[0]}]" if swapped else ""
+        raise PluginBuildError(
+            f"YAML layer {index}: PST upper map (layer {f[1]}, {upper[2]}x{upper[3]} at {PROBE_SIZE}px input) must be "
+            f"half the fine map (layer {f[0]}, {fine[2]}x{fine[3]}), i.e. {expected[0]}x{expected[1]}{hint}."
+        )
 
 
 def _build_pst(stand_in: nn.Module, row: list, index: int, shapes: list) -> nn.Module:
@@ -94,15 +175,7 @@ def _build_pst(stand_in: nn.Module, row: list, index: int, shapes: list) -> nn.M
         c1, c2, n = stand_in.cv1.conv.in_channels, stand_in.cv2.conv.out_channels, len(stand_in.m)
     else:
         raise _incompatible(f"the stand-in of PST layer {index} was built as {type(stand_in).__name__}")
-    fine, upper = (shapes[j % index] for j in f)
-    if upper is None or fine is None:
-        raise PluginBuildError(f"YAML layer {index}: PST inputs {f} must be single feature maps.")
-    expected = ((fine[2] + 1) // 2, (fine[3] + 1) // 2)
-    if tuple(upper[2:]) != expected:
-        raise PluginBuildError(
-            f"YAML layer {index}: PST upper map (layer {f[1]}, {upper[2]}x{upper[3]} at {PROBE_SIZE}px input) must be "
-            f"half the fine map (layer {f[0]}, {fine[2]}x{fine[3]}), i.e. {expected[0]}x{expected[1]}."
-        )
+    upper = shapes[f[1] % index]  # the pyramid was checked on the dry run
     try:
         module = PST(c1, upper[1], c2, n, *args[1:])
     except (TypeError, ValueError) as e:
@@ -140,6 +213,8 @@ def _emit_layer_table(records: list, layers: nn.Sequential, rows: list[int]) -> 
 
 def parse_model_with_plugins(stock_parse_model, d, ch, verbose=True):
     """``parse_model`` that also builds pst_yolo rows; stock YAMLs go to the stock parser untouched."""
+    check_required_ultralytics(d)
+    check_scale(d)
     rows = _plugin_rows(d)
     if not rows:
         return stock_parse_model(d, ch, verbose)
@@ -149,14 +224,35 @@ def parse_model_with_plugins(stock_parse_model, d, ch, verbose=True):
         layers, save = stock_parse_model(_stand_in_dict(d, rows), ch, verbose)
     finally:
         LOGGER.removeFilter(held)
-    shapes = _layer_output_shapes(layers, ch)
     table = d["backbone"] + d["head"]
+    shapes = _layer_output_shapes(layers, ch, {i: table[i][0] for i in rows})
     for i in rows:
         layers[i] = _build_pst(layers[i], table[i], i, shapes)
         save.extend(j % i for j in table[i][0] if j != -1)
     layers.train()
     _emit_layer_table(held.records, layers, rows)
     return layers, sorted(set(save))
+
+
+def has_psa_modules(model: str) -> bool | None:
+    """Whether a model file (a ``.pt`` checkpoint or a model YAML) holds PSA modules; None when it cannot tell.
+
+    A checkpoint is read through the class names in its pickle only (nothing is unpickled), a YAML through its rows.
+    """
+    path = Path(model)
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            return bool(_plugin_rows(tasks.yaml_model_load(model)))
+        except (OSError, ValueError, KeyError, TypeError):  # Ultralytics reports an unreadable YAML itself
+            return None
+    if path.suffix == ".pt" and path.is_file():
+        try:
+            with zipfile.ZipFile(path) as archive:  # torch.save's format: <name>/data.pkl holds the pickle
+                pickle_name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                return f"{PSAttn.__module__}\n".encode() in archive.read(pickle_name)  # a GLOBAL opcode's module
+        except (OSError, zipfile.BadZipFile, StopIteration):
+            return None
+    return None
 
 
 def fuse_with_fine_norm(stock_fuse, self, *args, **kwargs):

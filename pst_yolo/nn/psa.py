@@ -7,7 +7,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ultralytics.nn.modules import Conv
 
-from ..ops import pyramid_sparse_attention_parts
+from ..ops import BACKENDS, pyramid_sparse_attention_parts
+from ..ops.backends import is_exporting
+from ..validation import check_bool, check_choice, check_int, check_number, check_shape, check_tensor
 
 HEAD_DIM = 32
 
@@ -22,7 +24,10 @@ class PSAttn(nn.Module):
 
     The shared K/V projection keeps two sets of BatchNorm statistics with one affine: the upper map's (used for the
     coarse K/V) and the fine map's, tracked in training at no gradient cost and used for the fine K/V, so fine
-    features are never normalised with upper-map statistics.
+    features are never normalised with upper-map statistics. The fine statistics follow every mode of kv's
+    ``nn.BatchNorm2d``: exponential average (``momentum`` a float), cumulative average (``momentum=None``, as
+    ``torch.optim.swa_utils.update_bn`` sets), a restart after ``reset_running_stats()``, batch statistics
+    (``track_running_stats=False``), and no update while the BN itself is in eval mode.
 
     Attributes:
         q (Conv): 1x1 conv + BN, fine map -> queries.
@@ -53,8 +58,14 @@ class PSAttn(nn.Module):
         backend: str | None = None,
     ):
         super().__init__()
-        if num_heads < 1 or dim % num_heads:
+        where = "PSAttn"
+        dim, num_heads = check_int(dim, "dim", where, minimum=1), check_int(num_heads, "num_heads", where, minimum=1)
+        if dim % num_heads:
             raise ValueError(f"PSAttn: dim {dim} must be a positive multiple of num_heads {num_heads}.")
+        topk, threshold = check_int(topk, "topk", where, minimum=0), check_number(threshold, "threshold", where, 0, 1)
+        for name, flag in (("gate", gate), ("shared_fine_kv", shared_fine_kv), ("fine_in_training", fine_in_training)):
+            check_bool(flag, name, where)
+        backend = check_choice(backend, "backend", BACKENDS, where, allow_none=True)
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.topk, self.threshold, self.fine_in_training, self.backend = topk, threshold, fine_in_training, backend
         self.q = Conv(dim, dim, 1, act=False)
@@ -72,9 +83,7 @@ class PSAttn(nn.Module):
     @classmethod
     def override_topk(cls, k: int | None) -> None:
         """Force top-k ``k`` on every PSAttn of the process (models loaded later included); None restores each own."""
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
-            raise ValueError(f"topk must be a non-negative integer, got {k!r}.")
-        cls.topk_override = k
+        cls.topk_override = None if k is None else check_int(k, "topk", "PSAttn.override_topk", minimum=0)
 
     def active_topk(self) -> int:
         """Top-k used by the next forward: ``topk`` in eval (or with ``fine_in_training``), else 0."""
@@ -103,18 +112,52 @@ class PSAttn(nn.Module):
         bn = getattr(self.kv, "bn", None)
         if bn is None:  # kv was fused by Ultralytics: fold_fine_norm() ran first
             return self.kv(x) * self.fine_kv_scale[:, None, None] + self.fine_kv_shift[:, None, None]
-        return F.batch_norm(
-            self.kv.conv(x), self.fine_kv_mean, self.fine_kv_var, bn.weight, bn.bias, self.training, bn.momentum, bn.eps
-        )
+        y = self.kv.conv(x)  # (B, 2C, H, W)
+        self._update_fine_statistics(y)
+        if bn.training or bn.running_mean is None:  # batch statistics, where nn.BatchNorm2d uses them
+            return F.batch_norm(y, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+        return F.batch_norm(y, self.fine_kv_mean, self.fine_kv_var, bn.weight, bn.bias, False, 0.0, bn.eps)
 
     def track_fine_statistics(self, x: torch.Tensor) -> None:
         """Update the fine-map BN statistics of the shared K/V conv from x (B, C, H, W); no gradient."""
+        if self._tracks_fine_statistics():
+            with torch.no_grad():
+                self._update_fine_statistics(self.kv.conv(x))
+
+    def _tracks_fine_statistics(self) -> bool:
+        """Whether kv's BN updates running statistics now (training, tracking, not fused away)."""
+        bn = getattr(self.kv, "bn", None)
+        return bn is not None and bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
+
+    def _update_fine_statistics(self, y: torch.Tensor) -> None:
+        """Fold the batch statistics of the fine K/V conv output y (B, 2C, H, W) into the fine running statistics.
+
+        Mirrors ``nn.BatchNorm2d`` in training: kv's BN has already counted this batch in ``num_batches_tracked`` (the
+        upper map went through it first), so ``momentum=None`` gives the cumulative average 1/n, and n == 1 (a fresh
+        start or the first batch after ``reset_running_stats()``) restarts from mean 0, variance 1. Tensor ops only:
+        no GPU sync. Nothing happens when kv's BN is in eval mode or keeps no running statistics.
+        """
+        if not self._tracks_fine_statistics():
+            return
         bn = self.kv.bn
         with torch.no_grad():
-            F.batch_norm(self.kv.conv(x), self.fine_kv_mean, self.fine_kv_var, None, None, True, bn.momentum, bn.eps)
+            var, mean = torch.var_mean(y.detach().float(), dim=(0, 2, 3), correction=1)  # unbiased, as BN keeps it
+            count = bn.num_batches_tracked
+            restart = count == 1  # () bool
+            self.fine_kv_mean.masked_fill_(restart, 0.0)
+            self.fine_kv_var.masked_fill_(restart, 1.0)
+            factor = (1.0 / count.clamp(min=1)) if bn.momentum is None else bn.momentum
+            if isinstance(factor, torch.Tensor):
+                factor = factor.to(self.fine_kv_mean.dtype)
+            self.fine_kv_mean.lerp_(mean.to(self.fine_kv_mean.dtype), factor)
+            self.fine_kv_var.lerp_(var.to(self.fine_kv_var.dtype), factor)
 
     def forward(self, x: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """Attend from x (B, C, H, W) to up (B, C, ceil(H/2), ceil(W/2)); returns (B, C, H, W)."""
+        if not is_exporting():  # metadata only: no sync
+            C, where = self.num_heads * self.head_dim, "PSAttn.forward"
+            check_shape(check_tensor(x, "x", where, ndim=4), "x", (None, C, None, None), "(B, C, H, W)", where)
+            check_shape(check_tensor(up, "up", where, ndim=4), "up", (len(x), C, None, None), "(B, C, Hu, Wu)", where)
         B, C, H, W = x.shape
         Hu, Wu = up.shape[2:]
         nh, d = self.num_heads, self.head_dim

@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 from ultralytics.nn.modules import Conv
 
+from ..ops.backends import is_exporting
+from ..validation import check_int, check_number, check_shape, check_tensor, check_type
 from .psa import HEAD_DIM, PSAttn
 
 
@@ -20,7 +22,11 @@ class PSAttnBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 2.0, **attn_kwargs):
         super().__init__()
-        hidden = int(dim * mlp_ratio)
+        hidden = int(dim * check_number(mlp_ratio, "mlp_ratio", "PSAttnBlock", minimum=0, above_minimum=True))
+        if hidden < 1:
+            raise ValueError(
+                f"PSAttnBlock: the MLP width int(dim * mlp_ratio) = int({dim} * {mlp_ratio}) must be >= 1."
+            )
         self.attn = PSAttn(dim, num_heads, **attn_kwargs)
         self.mlp = nn.Sequential(Conv(dim, hidden, 1), Conv(hidden, dim, 1, act=False))
         for m in self.modules():
@@ -64,14 +70,17 @@ class PST(nn.Module):
         self, c1: int, c_up: int, c2: int, n: int = 1, mlp_ratio: float = 2.0, e: float = 0.5, k: int = 8, **attn_kwargs
     ):
         super().__init__()
-        c_ = int(c2 * e)
+        where = "PST"
+        c1, c_up = check_int(c1, "c1", where, minimum=1), check_int(c_up, "c_up", where, minimum=1)
+        c2, k = check_int(c2, "c2", where), check_int(k, "k", where, minimum=0)
+        n = check_int(n, "n (stacked PSA blocks)", where, minimum=1)
+        check_number(mlp_ratio, "mlp_ratio", where, minimum=0, above_minimum=True)
+        c_ = int(c2 * check_number(e, "e", where, minimum=0, above_minimum=True))
         if c_ <= 0 or c_ % HEAD_DIM:
             raise ValueError(
                 f"PST(c1={c1}, c_up={c_up}, c2={c2}, e={e}): the token dim C' = int(c2 * e) = {c_} must be a positive "
                 f"multiple of {HEAD_DIM} (heads of {HEAD_DIM} channels); change c2 or e."
             )
-        if n < 1:
-            raise ValueError(f"PST: n (stacked PSA blocks) must be >= 1, got {n}.")
         self.cv1 = Conv(c1, c_, 1)
         self.cvup = Conv(c_up, c_, 1)
         self.blocks = nn.ModuleList(PSAttnBlock(c_, c_ // HEAD_DIM, mlp_ratio, topk=k, **attn_kwargs) for _ in range(n))
@@ -82,11 +91,30 @@ class PST(nn.Module):
         if not isinstance(xs, (list, tuple)) or len(xs) != 2:
             raise TypeError("PST.forward expects a list [fine_map, upper_map].")
         fine, upper = xs
+        if not is_exporting():  # metadata only: no sync
+            self.check_inputs(fine, upper)
         outs = [self.cv1(fine)]
         up = self.cvup(upper)  # (B, C', Hu, Wu)
         for block in self.blocks:
             outs.append(block(outs[-1], up))
         return self.cv2(torch.cat(outs, dim=1))
+
+    def check_inputs(self, fine: torch.Tensor, upper: torch.Tensor) -> None:
+        """Raise naming this layer (its YAML index when built from a YAML) unless fine (B, c1, H, W) and upper
+        (B, c_up, ceil(H/2), ceil(W/2)) fit it."""
+        where = "PST" if getattr(self, "i", None) is None else f"PST (layer {self.i})"
+        check_tensor(fine, "fine map", where, ndim=4)
+        check_tensor(upper, "upper map", where, ndim=4)
+        (H, W), (Hu, Wu) = fine.shape[2:], upper.shape[2:]
+        if Hu * Wu > H * W:
+            raise ValueError(
+                f"{where}: the upper map ({Hu}x{Wu}) is larger than the fine map ({H}x{W}): the inputs look swapped; "
+                "pass [fine_map, upper_map] (in a YAML row: 'from' = [fine, upper])."
+            )
+        c1, c_up = self.cv1.conv.in_channels, self.cvup.conv.in_channels
+        check_shape(fine, "fine map", (None, c1, None, None), "(B, c1, H, W)", where)
+        expected = (len(fine), c_up, (H + 1) // 2, (W + 1) // 2)
+        check_shape(upper, "upper map", expected, "(B, c_up, ceil(H/2), ceil(W/2)): half the fine map", where)
 
 
 def set_topk(model: nn.Module, k: int) -> int:
@@ -95,8 +123,8 @@ def set_topk(model: nn.Module, k: int) -> int:
     Returns:
         How many PSA modules were changed.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise ValueError(f"topk must be a non-negative integer, got {k!r}.")
+    check_type(model, "model", nn.Module, "a torch.nn.Module (for a YOLO object: yolo.model)", "set_topk")
+    k = check_int(k, "topk", "set_topk", minimum=0)
     modules = [m for m in model.modules() if isinstance(m, PSAttn)]
     for m in modules:
         m.topk = k

@@ -5,6 +5,10 @@ The default comes from the environment variable ``PST_ATTN_BACKEND`` (read once 
 usable kernel for the tensors at hand and falls back to SDPA with one log line; naming a backend that cannot run
 raises a ``RuntimeError`` that says why. While exporting (ONNX tracing, TorchScript, ``torch.compile``) ``auto``
 always means ``sdpa``, which exports as plain MatMul/Softmax.
+
+``flash`` and ``sage`` run only on CUDA tensors. The one exception is a seam offered on purpose for tests:
+inside :func:`kernels_on_any_device` the device (and GPU generation) checks are skipped, so the adapters below can run
+on CPU tensors through test-only stand-ins of the two packages (``tests/standins``). Package code never enters it.
 """
 
 from __future__ import annotations
@@ -21,9 +25,14 @@ import torch.nn.functional as F
 LOGGER = logging.getLogger("pst_yolo")
 BACKENDS = ("auto", "naive", "sdpa", "flash", "sage")
 SAGE_HEAD_DIMS = (64, 96, 128)
+# sageattention 1.0.6's non-causal kernel (attn_qk_int8_per_block.py, _attn_fwd_inner) loads keys in blocks of 64 and
+# does not mask the padding of the last block: with kv_len % 64 != 0 the padded slots join the softmax (measured with
+# the real kernel under TRITON_INTERPRET=1: 49 keys give outputs 15% too small). Fixed upstream only in 2.x.
+SAGE_KEY_BLOCK = 64
 
 _default_backend = os.environ.get("PST_ATTN_BACKEND", "auto").lower()
 _fallbacks_logged: set[str] = set()
+_check_kernel_device = True  # False only inside kernels_on_any_device() (tests with stand-in packages)
 
 
 def _check_name(name: str) -> str:
@@ -55,6 +64,21 @@ def use_backend(name: str):
         set_backend(previous)
 
 
+@contextlib.contextmanager
+def kernels_on_any_device():
+    """Test seam: inside the block ``flash``/``sage`` skip their CUDA and GPU-generation checks.
+
+    For tests only, which install contract stand-ins of ``flash_attn``/``sageattention`` that run on CPU tensors
+    (the real packages refuse them). Every other check (installed package, dtype, head dim, backward) still applies.
+    """
+    global _check_kernel_device
+    previous, _check_kernel_device = _check_kernel_device, False
+    try:
+        yield
+    finally:
+        _check_kernel_device = previous
+
+
 def is_exporting() -> bool:
     """True while tracing/scripting/compiling, where only plain PyTorch ops may run."""
     return (
@@ -65,31 +89,48 @@ def is_exporting() -> bool:
     )
 
 
-def unusable_reason(name: str, q: torch.Tensor, needs_grad: bool) -> str | None:
-    """Say why backend ``name`` cannot run attention on ``q`` (None when it can)."""
+def unusable_reason(name: str, q: torch.Tensor, needs_grad: bool, kv_len: int | None = None) -> str | None:
+    """Say why backend ``name`` cannot run attention on ``q`` (None when it can).
+
+    Args:
+        name: A concrete backend name.
+        q: (B, h, N, d) queries (device, dtype and head dim are checked).
+        needs_grad: Whether a backward pass will run through the attention.
+        kv_len: Number of keys M when known (``sage`` needs a multiple of ``SAGE_KEY_BLOCK``).
+    """
     if name in ("naive", "sdpa"):
         return None
     package = {"flash": "flash_attn", "sage": "sageattention"}[name]
     if importlib.util.find_spec(package) is None:
         extra = {"flash": "flash", "sage": "sage"}[name]
         return f"package '{package}' is not installed (pip install 'pst-yolo[{extra}]')"
-    if q.device.type != "cuda":
+    if _check_kernel_device and q.device.type != "cuda":
         return f"'{name}' needs a CUDA tensor, got device '{q.device.type}'"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"'{name}' needs float16/bfloat16 inputs, got {q.dtype} (use AMP or .half())"
-    if name == "flash" and torch.cuda.get_device_capability(q.device)[0] < 8:
+    if name == "flash" and _check_kernel_device and torch.cuda.get_device_capability(q.device)[0] < 8:
         return "'flash' needs an Ampere (sm80) or newer GPU"
+    if name == "flash" and q.shape[-1] > 256:
+        return f"'flash' supports head_dim up to 256, got {q.shape[-1]}"
     if name == "sage" and needs_grad:
         return "'sage' has no backward pass (inference only)"
+    if name == "sage" and q.shape[-1] > SAGE_HEAD_DIMS[-1]:
+        return f"'sage' supports head_dim up to {SAGE_HEAD_DIMS[-1]}, got {q.shape[-1]}"
+    if name == "sage" and kv_len is not None and kv_len % SAGE_KEY_BLOCK:
+        return (
+            f"'sage' (sageattention 1.0.6) gives wrong results unless the number of keys is a multiple of "
+            f"{SAGE_KEY_BLOCK} (got {kv_len}): its kernel does not mask the padding of the last key block"
+        )
     return None
 
 
-def resolve_backend(name: str | None, q: torch.Tensor) -> str:
+def resolve_backend(name: str | None, q: torch.Tensor, kv_len: int | None = None) -> str:
     """Turn ``name`` (or the default when None) into a concrete backend usable for ``q``.
 
     Args:
         name: A name from ``BACKENDS`` or None for the process default.
         q: The query tensor the attention will run on (its device/dtype decide what is usable).
+        kv_len: Number of keys when known (see :func:`unusable_reason`).
 
     Returns:
         One of ``naive``, ``sdpa``, ``flash``, ``sage``.
@@ -97,17 +138,17 @@ def resolve_backend(name: str | None, q: torch.Tensor) -> str:
     name = _check_name(name or get_backend())
     needs_grad = torch.is_grad_enabled() and q.requires_grad
     if name == "auto":
-        if is_exporting() or q.device.type != "cuda":
+        if is_exporting() or (q.device.type != "cuda" and _check_kernel_device):
             return "sdpa"
         for candidate in ("flash", "sage"):
-            reason = unusable_reason(candidate, q, needs_grad)
+            reason = unusable_reason(candidate, q, needs_grad, kv_len)
             if reason is None:
                 return candidate
             if candidate not in _fallbacks_logged:
                 _fallbacks_logged.add(candidate)
                 LOGGER.info(f"pst_yolo: attention backend '{candidate}' not used: {reason}; falling back to SDPA.")
         return "sdpa"
-    reason = unusable_reason(name, q, needs_grad)
+    reason = unusable_reason(name, q, needs_grad, kv_len)
     if reason is not None:
         raise RuntimeError(f"Attention backend '{name}' is not usable: {reason}.")
     return name

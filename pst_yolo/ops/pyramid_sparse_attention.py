@@ -10,11 +10,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backends import attention, is_exporting, naive_attention, resolve_backend
+from ..validation import (
+    check_choice,
+    check_grid,
+    check_int,
+    check_number,
+    check_pyramid_attention_call,
+    check_score_pass_call,
+    check_shape,
+    check_tensor,
+    check_type,
+)
+from .backends import BACKENDS, attention, is_exporting, naive_attention, resolve_backend
 
 DEFAULT_SCORE_CHUNK = 1 << 22  # elements of the (query chunk x M) probability block alive at once (16 MB in fp32)
 CPU_SCORE_CHUNK = 1 << 18  # on CPU a 1 MB fp32 block stays in a core's L2 cache: faster than bigger blocks
 LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+COARSE_PASSES = ("fused", "kernel")  # see coarse_attention_with_scores
 
 
 def _query_chunk_rows(q: torch.Tensor, num_keys: int, max_chunk_elements: int | None) -> int:
@@ -31,11 +43,15 @@ def _query_chunk_rows(q: torch.Tensor, num_keys: int, max_chunk_elements: int | 
 
 
 def _sum_over_queries(probs: torch.Tensor) -> torch.Tensor:
-    """(B, h, rows, M) -> (B, h, M)."""
+    """(B, h, rows, M) -> (B, h, M); in eager mode rows that are NaN (a non-finite query) add nothing.
+
+    A NaN query row would otherwise make every score of its (batch, head) NaN and drop the fine branch of all the
+    other queries (docs/DESIGN.md, "Bad inputs and non-finite values"); next to the exp, ``nansum`` costs as ``sum``.
+    """
     if is_exporting():  # ONNX Runtime runs ReduceSum over a middle axis ~10x slower than a ones-vector product
         ones = probs.new_ones(probs.shape[:-2] + (1, probs.shape[-2]))  # (B, h, 1, rows)
         return (ones @ probs).squeeze(-2)
-    return probs.sum(dim=2)
+    return probs.nansum(dim=2)
 
 
 def coarse_key_scores(
@@ -54,8 +70,10 @@ def coarse_key_scores(
         max_chunk_elements: Bound on the elements of one probability block (None: the device's default).
 
     Returns:
-        (B, h, M) float32 scores; each (b, h) row sums to 1.
+        (B, h, M) float32 scores; each (b, h) row sums to 1 (less the share of NaN query rows, which add nothing).
     """
+    if not is_exporting():
+        check_score_pass_call("coarse_key_scores", q, k, lse=lse, max_chunk_elements=max_chunk_elements)
     n = q.shape[2]
     rows = _query_chunk_rows(q, k.shape[2], max_chunk_elements)
     if lse is None:
@@ -120,25 +138,47 @@ def _attention_block(q_block: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor) 
     return probs @ v, _sum_over_queries(probs.detach().float())
 
 
+def _checked_coarse_pass(coarse_pass: str | None) -> str | None:
+    if coarse_pass is not None and coarse_pass not in COARSE_PASSES:
+        raise ValueError(f"coarse_pass must be one of {', '.join(COARSE_PASSES)} or None, got {coarse_pass!r}.")
+    return coarse_pass
+
+
+def default_coarse_pass(q: torch.Tensor, backend: str) -> str:
+    """Today's choice of coarse pass for ``q`` on ``backend``: ``fused`` or ``kernel`` (see below)."""
+    return "fused" if backend == "naive" or q.device.type == "cpu" or is_exporting() else "kernel"
+
+
 def coarse_attention_with_scores(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, max_chunk_elements: int | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    backend: str,
+    max_chunk_elements: int | None = None,
+    coarse_pass: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 2 and eq. 3 together: the coarse output and the per-key scores, without the full N x M matrix.
 
-    ``naive``, every backend on CPU (measured faster than the CPU SDPA kernel plus a score pass from its
-    log-sum-exp: docs/BENCHMARKS.md) and every backend while exporting (one graph: a single q k^T and softmax feed
-    both) use :func:`blocked_attention_with_scores`. Otherwise the backend's kernel runs, then a blocked score pass
-    that reuses the kernel's row log-sum-exp where it gives one (``flash``) and recomputes the softmax otherwise.
+    Two passes compute the same thing. ``fused``: :func:`blocked_attention_with_scores`, one q k^T and softmax per
+    query block feed both. ``kernel``: the backend's attention kernel, then a blocked score pass that reuses the
+    kernel's row log-sum-exp where it gives one (``flash``) and recomputes the softmax otherwise. By default
+    (:func:`default_coarse_pass`) ``naive``, every backend on CPU (measured faster than the CPU SDPA kernel plus a
+    score pass: docs/BENCHMARKS.md) and every backend while exporting (one graph) take ``fused``; the rest ``kernel``.
 
     Args:
         q: (B, h, N, d) queries; k, v: (B, h, M, d) coarse keys/values.
         backend: A concrete backend name.
         max_chunk_elements: Bound on the elements of one probability block (None: the device's default).
+        coarse_pass: ``fused``, ``kernel`` or None for the default choice.
 
     Returns:
         out (B, h, N, d) and scores (B, h, M) float32.
     """
-    if backend == "naive" or q.device.type == "cpu" or is_exporting():
+    if not is_exporting():
+        check_choice(backend, "backend", BACKENDS[1:], "coarse_attention_with_scores")  # concrete: not "auto"
+        check_score_pass_call("coarse_attention_with_scores", q, k, v, max_chunk_elements=max_chunk_elements)
+    coarse_pass = _checked_coarse_pass(coarse_pass) or default_coarse_pass(q, backend)
+    if coarse_pass == "fused":
         return blocked_attention_with_scores(q, k, v, max_chunk_elements)
     out, lse = attention(q, k, v, backend, return_lse=backend == "flash")
     with torch.no_grad():
@@ -150,9 +190,10 @@ def check_pyramid_shapes(fine_hw: tuple[int, int], coarse_hw: tuple[int, int]) -
     """Raise ValueError unless the coarse grid is ceil(H/2) x ceil(W/2) of the fine grid."""
     (h, w), (hu, wu) = fine_hw, coarse_hw
     if (hu, wu) != ((h + 1) // 2, (w + 1) // 2):
+        swapped = " (fine and upper swapped? the fine map comes first)" if hu * wu > h * w else ""
         raise ValueError(
             f"Pyramid Sparse Attention needs the upper map at half the fine map's size (ceil(H/2) x ceil(W/2)): "
-            f"fine {h}x{w} expects upper {(h + 1) // 2}x{(w + 1) // 2}, got {hu}x{wu}."
+            f"fine {h}x{w} expects upper {(h + 1) // 2}x{(w + 1) // 2}, got {hu}x{wu}{swapped}."
         )
 
 
@@ -170,6 +211,13 @@ def select_fine_tokens(
     Returns:
         index (B, h, 4k) int64 into the N fine tokens (0 where masked) and valid (B, h, 4k) bool.
     """
+    where = "select_fine_tokens"
+    check_int(topk, "topk", where, minimum=0)
+    check_number(threshold, "threshold", where, minimum=0, maximum=1)
+    if not is_exporting():
+        hu, wu = check_grid(coarse_hw, "coarse_hw", where)
+        check_grid(fine_hw, "fine_hw", where)
+        check_shape(check_tensor(scores, "scores", where, ndim=3), "scores", (None, None, hu * wu), "(B, h, M)", where)
     h, w = fine_hw
     wu = coarse_hw[1]
     k = min(topk, scores.shape[-1])
@@ -238,21 +286,24 @@ def pyramid_sparse_attention_parts(
     topk: int = 8,
     threshold: float = 1e-6,
     backend: str | None = "auto",
+    coarse_pass: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """O_coarse and O_fine separately (eq. 2 and eq. 5); O_fine is None when topk is 0.
 
     Arguments as in :func:`pyramid_sparse_attention`; k_fine/v_fine may be None when topk is 0.
     """
-    if topk < 0:
-        raise ValueError(f"topk must be >= 0, got {topk}.")
+    grids = None if is_exporting() else (fine_hw, coarse_hw)  # tensors and grids are checked in eager mode only
+    check_pyramid_attention_call("pyramid_sparse_attention", q, k, v, k_fine, v_fine, grids, topk, threshold)
+    check_type(backend, "backend", (str, type(None)), "a backend name or None", "pyramid_sparse_attention")
     if not is_exporting():
         check_pyramid_shapes(fine_hw, coarse_hw)
         if q.shape[2] != fine_hw[0] * fine_hw[1] or k.shape[2] != coarse_hw[0] * coarse_hw[1]:
             raise ValueError(f"Token counts {q.shape[2]}/{k.shape[2]} do not match grids {fine_hw}/{coarse_hw}.")
-    backend = resolve_backend(backend, q)
+    _checked_coarse_pass(coarse_pass)
+    backend = resolve_backend(backend, q, kv_len=k.shape[2])
     if topk == 0:
         return attention(q, k, v, backend)[0], None
-    out_coarse, scores = coarse_attention_with_scores(q, k, v, backend)
+    out_coarse, scores = coarse_attention_with_scores(q, k, v, backend, coarse_pass=coarse_pass)
     index, valid = select_fine_tokens(scores, fine_hw, coarse_hw, topk, threshold)
     return out_coarse, sparse_fine_attention(q, k_fine, v_fine, index, valid, backend)
 
@@ -268,6 +319,7 @@ def pyramid_sparse_attention(
     topk: int = 8,
     threshold: float = 1e-6,
     backend: str | None = "auto",
+    coarse_pass: str | None = None,
 ) -> torch.Tensor:
     """Pyramid Sparse Attention: O = O_coarse + O_fine (paper eq. 2-5).
 
@@ -279,6 +331,9 @@ def pyramid_sparse_attention(
         topk: Coarse tokens refined per (batch, head); 0 gives coarse attention only, more than M uses all M.
         threshold: Only coarse tokens whose eq. 3 score exceeds it are refined.
         backend: ``auto``, ``naive``, ``sdpa``, ``flash``, ``sage`` or None for the process default.
+        coarse_pass: How eq. 2-3 run when topk > 0: ``fused`` (one blocked pass), ``kernel`` (the backend's kernel,
+            then a score pass from its log-sum-exp) or None for the default per device (see
+            :func:`coarse_attention_with_scores`).
 
     Returns:
         (B, h, N, d) attention output.
@@ -290,7 +345,7 @@ def pyramid_sparse_attention(
         torch.Size([2, 4, 169, 32])
     """
     out_coarse, out_fine = pyramid_sparse_attention_parts(
-        q, k, v, k_fine, v_fine, fine_hw, coarse_hw, topk, threshold, backend
+        q, k, v, k_fine, v_fine, fine_hw, coarse_hw, topk, threshold, backend, coarse_pass
     )
     if out_fine is None:
         return out_coarse

@@ -31,9 +31,12 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ..validation import argparse_type, check_int
+
 HEAD_DIM = 32
 TOPKS = (0, 8, 16, 32)
 OP_SIZES = (320, 640, 1280)
+BACKENDS = ("naive", "sdpa", "flash", "sage")  # concrete attention backends; --model-backends also takes "auto"
 MODELS = ("yolo12n", "yolo11n", "yolo11n-pst", "yolo12n-pst", "yolo11s", "yolo11s-pst")
 TARGET_SHAPE = (640, "P3")  # the op target: 80x80 queries over 40x40 keys, 1 head
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -46,33 +49,76 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="pst-yolo bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+
+    def count(name: str, minimum: int = 1, multiple_of: int = 1):
+        """argparse type: an integer >= minimum (and a multiple of ``multiple_of``), errors naming the option."""
+        convert = argparse_type(check_int, name, minimum=minimum)
+
+        def checked(text: str) -> int:
+            value = convert(text)
+            if value % multiple_of:
+                raise argparse.ArgumentTypeError(f"{name} must be a multiple of {multiple_of}, got {value}.")
+            return value
+
+        checked.__name__ = name
+        return checked
+
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch/ORT CPU threads")
+    parser.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=count("threads"), default=len(os.sched_getaffinity(0)), help="CPU threads")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="cpu: process CPU time (shared CPU)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed rounds per table")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    parser.add_argument("--op-sizes", type=int, nargs="+", default=list(OP_SIZES), help="input sizes for the op")
-    parser.add_argument("--topks", type=int, nargs="+", default=list(TOPKS))
-    parser.add_argument("--backends", nargs="+", default=["naive", "sdpa", "flash", "sage"], help="usable ones run")
-    parser.add_argument("--naive-max-size", type=int, default=640, help="skip the naive op above this input size")
-    parser.add_argument("--score-batch", type=int, default=8, help="batch of the score-step memory table (640 P3)")
+    parser.add_argument("--repeats", type=count("repeats"), default=10, help="timed rounds per table")
+    parser.add_argument("--warmup", type=count("warmup", 0), default=2, help="untimed rounds first")
+    parser.add_argument(
+        "--op-sizes", type=count("op-sizes", 32, 16), nargs="+", default=list(OP_SIZES), help="op input sizes"
+    )
+    parser.add_argument("--topks", type=count("topks", 0), nargs="+", default=list(TOPKS))
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS), help="usable ones run")
+    parser.add_argument("--naive-max-size", type=count("naive-max-size", 0), default=640, help="skip naive above this")
+    parser.add_argument("--score-batch", type=count("score-batch"), default=8, help="batch of the score-step table")
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="YAML names without .yaml")
-    parser.add_argument("--imgsz", type=int, default=640, help="model input size")
-    parser.add_argument("--model-batches", type=int, nargs="+", default=[1], help="e.g. 1 16 (16 is slow on CPU)")
-    parser.add_argument("--model-topk", type=int, default=8, help="fine top-k of the PST models (also run at 0)")
-    parser.add_argument("--model-backends", nargs="+", default=["auto", "naive"], help="PST models at --model-topk")
+    parser.add_argument("--imgsz", type=count("imgsz", 32, 32), default=640, help="model input size")
+    parser.add_argument("--model-batches", type=count("model-batches"), nargs="+", default=[1], help="e.g. 1 16")
+    parser.add_argument("--model-topk", type=count("model-topk", 0), default=8, help="PST models' top-k (and 0)")
+    parser.add_argument("--model-backends", nargs="+", choices=("auto", *BACKENDS), default=["auto", "naive"])
     parser.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime even when installed")
-    parser.add_argument("--train-batch", type=int, default=8)
-    parser.add_argument("--train-imgsz", type=int, default=320)
-    parser.add_argument("--train-steps", type=int, default=4, help="timed steps per model (after one warm-up)")
+    parser.add_argument("--train-batch", type=count("train-batch"), default=8)
+    parser.add_argument("--train-imgsz", type=count("train-imgsz", 32, 32), default=320)
+    parser.add_argument("--train-steps", type=count("train-steps"), default=4, help="timed steps per model")
     parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
     args = parser.parse_args(argv)
+    unknown = [name for name in args.models if not model_yaml_exists(name)]
+    if unknown:
+        parser.error(f"argument --models: no model YAML for {', '.join(unknown)} (give names like yolo11n-pst).")
     if args.quick:
         args.repeats, args.warmup, args.op_sizes, args.topks = 2, 1, [64], [0, 8]
         args.score_batch, args.models, args.imgsz, args.model_batches = 1, ["yolo12n", "yolo11n-pst"], 64, [1]
         args.train_batch, args.train_imgsz, args.train_steps = 2, 64, 1
     return args
+
+
+def device_name(text: str) -> str:
+    """argparse type: a torch device that exists here (``cpu``, ``cuda``, ``cuda:1``)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"device must be cpu, cuda or cuda:N, got '{text}'.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"device '{text}' asked for, but CUDA is not available here.")
+    return text
+
+
+def model_yaml_exists(name: str) -> bool:
+    """Whether ``<name>.yaml`` resolves (as ``DetectionModel`` resolves it) to a stock or a shipped model YAML."""
+    from ultralytics.nn.tasks import yaml_model_load
+
+    import pst_yolo  # noqa: F401  (finds the shipped YAMLs by short name)
+
+    try:
+        yaml_model_load(f"{name}.yaml")
+    except FileNotFoundError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------------------------- measuring tools

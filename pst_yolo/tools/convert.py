@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from ..nn import PSAttn
+from ..validation import check_bool, check_file, check_int
 
 AUTHORS_MODULE = "ultralytics.nn.modules.block"
 AUTHORS_BLOCK_KEY = re.compile(r"^(model\.\d+)\.attnlayer_(\d+)\.")
@@ -74,12 +75,21 @@ AUTHORS_PICKLE.load = lambda file, **kwargs: AuthorsUnpickler(file, **kwargs).lo
 
 def load_authors_checkpoint(path: str | Path) -> tuple[dict, nn.Module]:
     """Load an authors'-fork checkpoint; returns the checkpoint dict and its model (EMA if present)."""
-    ckpt = torch.load(path, map_location="cpu", pickle_module=AUTHORS_PICKLE, weights_only=False)
+    check_file(path, "source checkpoint", "convert", suffixes=(".pt", ".pth"))
+    try:
+        ckpt = torch.load(path, map_location="cpu", pickle_module=AUTHORS_PICKLE, weights_only=False)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, AttributeError, ModuleNotFoundError) as e:
+        raise ValueError(
+            f"convert: {path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}); give the .pt file saved "
+            "by the authors' fork (e.g. runs/detect/train/weights/best.pt)."
+        ) from e
     model = ckpt.get("ema") or ckpt.get("model") if isinstance(ckpt, dict) else None
     if not isinstance(model, nn.Module):
-        raise ValueError(f"{path}: not an Ultralytics checkpoint (no 'ema' or 'model' module).")
+        raise ValueError(f"convert: {path} is not an Ultralytics checkpoint (no 'ema' or 'model' module).")
     if not any(isinstance(m, AuthorsPST) for m in model.modules()):
-        raise ValueError(f"{path}: no {AUTHORS_MODULE}.PST module inside; nothing to convert.")
+        already = any(type(m).__module__.startswith("pst_yolo.") for m in model.modules())
+        reason = "it is already a pst-yolo checkpoint" if already else "nothing to convert"
+        raise ValueError(f"convert: {path} has no {AUTHORS_MODULE}.PST module inside; {reason}.")
     return ckpt, model
 
 
@@ -160,6 +170,11 @@ def convert_checkpoint(src: str | Path, dst: str | Path, topk: int = 8, keep_gat
     """
     from ultralytics import __version__
 
+    topk, keep_gate = check_int(topk, "topk", "convert", minimum=0), check_bool(keep_gate, "keep_gate", "convert")
+    if Path(dst).suffix != ".pt":
+        raise ValueError(f"convert: the destination {str(dst)!r} must end in .pt (Ultralytics loads .pt checkpoints).")
+    if Path(dst).resolve() == Path(src).resolve():
+        raise ValueError(f"convert: the destination {str(dst)!r} is the source; write the converted model elsewhere.")
     ckpt, source_model = load_authors_checkpoint(src)
     dtype = next(source_model.parameters()).dtype
     model = convert_model(source_model, topk, keep_gate).to(dtype)
@@ -207,7 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     if not topk.isdigit():
         raise SystemExit(f"pst-yolo convert: topk must be a non-negative integer, got '{topk}'.")
     topk = int(topk)
-    dst = convert_checkpoint(paths[0], paths[1], topk, parse_bool(options.get("gate", "False")))
+    try:
+        dst = convert_checkpoint(paths[0], paths[1], topk, parse_bool(options.get("gate", "False")))
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"pst-yolo {e}") from e
     print(f"pst-yolo convert: wrote {dst} (topk={topk}); check it with: yolo predict model={dst} source=IMAGE")
 
 

@@ -31,6 +31,11 @@ TOPKS = (0, 8)  # fine attention off / on (paper Table 4a)
 # Short-schedule settings shared by both models: from-scratch training in a few hundred iterations needs a higher
 # AdamW rate than Ultralytics' automatic choice for 10 classes (7e-4), one warm-up epoch and mosaic off at the end.
 SHORT_SCHEDULE = {"optimizer": "AdamW", "lr0": 0.002, "warmup_epochs": 1, "close_mosaic": 3}
+SEED_NOTE = (
+    "One seed of a short run (seed {seed}): gaps of this size between the models, or between k=0 and k=8, are within "
+    "seed-to-seed noise and are not evidence either way. Several seeds, each PST model's top-k sweep and the paper's "
+    "figures: docs/ACCURACY.md; choose k on your own data with `pst-yolo topk`."
+)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -198,6 +203,7 @@ def run_demo(args: argparse.Namespace) -> dict:
 def report(summary: dict, out: Path) -> None:
     """Print the comparison table, timings and where the plots are."""
     print("\n" + format_table(summary["rows"]))
+    print(f"\n{SEED_NOTE.format(seed=summary['args']['seed'])}")
     trains = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in summary["train_s"].items())
     print(f"\ntraining: {trains}; demo wall time {summary['wall_s']:.0f} s; table saved to {out / 'summary.json'}")
     print("plots (results.png, confusion_matrix.png, val_batch*_pred.jpg):")

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from ..nn import PST, PSAttn
 from ..ops import coarse_key_scores, select_fine_tokens
+from ..validation import check_bool, check_int, check_type
 
 USAGE = __doc__.split("\n\n")[1]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -41,7 +42,10 @@ def load_model(model: str | Path | nn.Module) -> nn.Module:
 
     if isinstance(model, (str, Path)):
         model = YOLO(str(model))
-    return model.model if isinstance(model, Model) else model
+    model = model.model if isinstance(model, Model) else model
+    return check_type(
+        model, "model", nn.Module, "a checkpoint/YAML path, a YOLO object or a torch.nn.Module", "heatmap"
+    )
 
 
 def default_imgsz(model: nn.Module) -> int | list[int]:
@@ -127,12 +131,20 @@ def selection_boxes(selection: dict, input_hw: tuple[int, int], image_hw: tuple[
 
 def layer_index(model: nn.Module, layers: list[int] | None) -> dict[int, nn.Module]:
     """Chosen layers of an Ultralytics model by index (default: every PST layer)."""
-    sequence = model.model
+    sequence = getattr(model, "model", None)
+    if not isinstance(sequence, nn.Sequential):
+        raise TypeError(
+            f"heatmap: model must be an Ultralytics model (layers in model.model), got {type(model).__name__}."
+        )
     if layers is None:
         chosen = {i: m for i, m in enumerate(sequence) if isinstance(m, PST)}
         if not chosen:
             raise ValueError("The model has no PST layer; choose layers with layers=i,j.")
         return chosen
+    check_type(layers, "layers", (list, tuple), "a list of layer indices", "heatmap")
+    layers = [check_int(i, "layers[...]", "heatmap") for i in layers]
+    if not layers:
+        raise ValueError("heatmap: layers is empty; give layer indices, or None for every PST layer.")
     bad = [i for i in layers if not -len(sequence) <= i < len(sequence)]
     if bad:
         raise ValueError(f"layers {bad} out of range: the model has {len(sequence)} layers.")
@@ -156,9 +168,14 @@ def attention_maps(model, image, topk: int | None = None, layers: list[int] | No
     """
     model = load_model(model).eval()
     if isinstance(image, (str, Path)):
-        path, image = image, cv2.imread(str(image))
-        if image is None:
-            raise FileNotFoundError(f"Cannot read image {path}.")
+        image = read_image(image_files(image)[0])
+    if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8):
+        shown = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise TypeError(f"heatmap: image must be a path or a BGR uint8 array (h, w, 3), got {shown}.")
+    if topk is not None:
+        check_int(topk, "topk", "heatmap", minimum=0)
+    if imgsz is not None and not isinstance(imgsz, (list, tuple)):
+        check_int(imgsz, "imgsz", "heatmap", minimum=STRIDE)
     chosen = layer_index(model, layers)
     x, content = letterbox(image, imgsz or default_imgsz(model))
     param = next(model.parameters())
@@ -271,23 +288,39 @@ def render(image: np.ndarray, maps: dict, per_head: bool = False, panel_height: 
 
 def image_files(source: str | Path) -> list[Path]:
     """An image file, or the image files of a folder (sorted)."""
-    source = Path(source)
+    source = Path(check_type(source, "source", (str, Path), "an image file or a folder of images", "heatmap"))
+    if source.is_file() and source.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(
+            f"heatmap: source {str(source)!r} is not an image ({source.suffix or 'no suffix'}); give an image file "
+            f"({', '.join(IMAGE_SUFFIXES)}) or a folder of images."
+        )
     files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if source.is_dir() else [source]
     if not files or not all(p.is_file() for p in files):
-        raise FileNotFoundError(f"No image found at {source}.")
+        raise FileNotFoundError(f"heatmap: no image found at source {str(source)!r}.")
     return files
+
+
+def read_image(path: Path) -> np.ndarray:
+    """BGR uint8 (h, w, 3) image, or a ValueError naming a file OpenCV cannot decode."""
+    image = cv2.imread(str(path))
+    if image is None:
+        raise ValueError(f"heatmap: cannot decode image {str(path)!r} (damaged, or not an image despite its suffix).")
+    return image
 
 
 def save_heatmaps(
     model, source, project="runs/pst_heatmap", topk=None, layers=None, per_head=False, imgsz=None, panel_height=480
 ) -> list[Path]:
     """Write ``project/<image stem>.png`` for each image of ``source`` (panels ``panel_height`` pixels high)."""
+    files = image_files(source)  # checked before the model loads
+    check_int(panel_height, "panel_height", "heatmap", minimum=16)
+    check_bool(per_head, "per_head", "heatmap")
     model = load_model(model)
     project = Path(project)
     project.mkdir(parents=True, exist_ok=True)
     written = []
-    for path in image_files(source):
-        image = cv2.imread(str(path))
+    for path in files:
+        image = read_image(path)
         canvas, _ = render(image, attention_maps(model, image, topk, layers, imgsz), per_head, panel_height)
         out = project / f"{path.stem}.png"
         cv2.imwrite(str(out), canvas)
@@ -301,17 +334,29 @@ def parse_args(argv: list[str]) -> dict:
     kwargs = dict(a.split("=", 1) for a in argv if "=" in a)
     if len(kwargs) != len(argv) or kwargs.keys() - known or not {"model", "source"} <= kwargs.keys():
         raise SystemExit(f"pst-yolo heatmap: bad arguments {argv}.\n{USAGE}")
-    try:
-        if "layers" in kwargs:
-            kwargs["layers"] = [int(v) for v in kwargs["layers"].strip("[]").split(",")]
-        for key in ("topk", "imgsz", "panel_height"):
-            if key in kwargs:
-                kwargs[key] = int(kwargs[key])
-    except ValueError as e:
-        raise SystemExit(f"pst-yolo heatmap: {e}") from None
+    for key, minimum in (("topk", 0), ("imgsz", STRIDE), ("panel_height", 16)):
+        if key in kwargs:
+            kwargs[key] = parse_int(key, kwargs[key], minimum)
+    if "layers" in kwargs:
+        kwargs["layers"] = [parse_int("layers", v) for v in kwargs["layers"].strip("[]").split(",")]
     if "per_head" in kwargs:
-        kwargs["per_head"] = kwargs["per_head"].lower() in ("true", "1")
+        value = kwargs["per_head"].lower()
+        if value not in ("true", "false", "1", "0"):
+            raise SystemExit(f"pst-yolo heatmap: per_head must be True or False, got '{kwargs['per_head']}'.")
+        kwargs["per_head"] = value in ("true", "1")
     return kwargs
+
+
+def parse_int(key: str, text: str, minimum: int | None = None) -> int:
+    """``key=text`` -> an integer of at least ``minimum``, or SystemExit naming the key."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise SystemExit(f"pst-yolo heatmap: {key} must be an integer, got '{text}'.") from None
+    try:
+        return check_int(value, key, "pst-yolo heatmap", minimum=minimum)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,6 +10,10 @@ batch 1, by ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs = 2 x multiply-a
   paper's tooling) did, on a 32x32 image scaled by (640/32)^2; stock YOLO11n gives 6.48, as Ultralytics prints;
 - all (:func:`all_flops`): a real forward, every op the counter knows, attention matmuls included; at 640, and at
   224 for classification models (Table 3's caption says 224, its values match 640).
+
+Configs that extend a stock model (``pst_yolo.configs.STOCK_COUNTERPARTS``: YOLOv11/12-PST for every task, YOLO26-PST)
+get a second table: each beside its stock counterpart at the same scale, with the state-dict items that
+``YOLO(pst_yaml).load(stock.pt)`` transfers (:mod:`pst_yolo.tools.transfer`).
 """
 
 from __future__ import annotations
@@ -28,15 +32,20 @@ from torch.utils.flop_counter import FlopCounterMode
 from ultralytics.nn.tasks import (
     ClassificationModel,
     DetectionModel,
+    OBBModel,
+    PoseModel,
+    SegmentationModel,
     guess_model_scale,
     guess_model_task,
     yaml_model_load,
 )
 from ultralytics.utils import YAML
 
-from ..configs import model_configs
+from ..configs import STOCK_COUNTERPARTS, model_configs, stock_counterpart
 from ..nn import set_topk
 from ..ops import use_backend
+from ..validation import argparse_type, check_output_file
+from .transfer import transfer_report
 
 IMGSZ = 640
 CLS_IMGSZ = 224
@@ -85,6 +94,15 @@ PAPER_ROWS: dict[str, PaperRow] = {
     "r101-cls-pst": PaperRow("R-101-PST-S (cls)", "54.4", "140", CLS_NOTE),
 }
 BASELINES = ("yolo11n", "yolo11s", "yolo11m", "yolo12n")
+TASK_MODELS = {
+    "detect": DetectionModel,
+    "segment": SegmentationModel,
+    "pose": PoseModel,
+    "obb": OBBModel,
+    "classify": ClassificationModel,
+}
+# Configs beyond the paper (other tasks, YOLO26): listed only in the stock-counterpart table.
+EXTENSION_CONFIGS = frozenset(STOCK_COUNTERPARTS) - {"yolo11-pst", "yolo12-pst"}
 
 MODEL_ZOO_INTRO = """# Model zoo: sizes
 
@@ -125,6 +143,29 @@ Findings behind the notes:
 """
 
 
+STOCK_TABLE_INTRO = """
+## Every task, YOLO26-PST, and the stock model each config extends
+
+Each config below keeps the layer indices, modules and arguments of a stock Ultralytics model outside its two PST
+rows, so a stock checkpoint gives it a head start: `YOLO("yolo11n-seg-pst.yaml").load("yolo12n-seg.pt")` (see the
+README's "Head start from stock weights"). Sizes are measured as above (80 classes; pose: 17 keypoints), the stock
+model's in parentheses. The last column counts the state-dict items (weights and BatchNorm statistics, as
+Ultralytics' "Transferred N/M items" counts them) that loading the stock model's weights copies: all / of the PST
+model's; every non-PST item / how many there are; plus items inside the PST rows that happen to match a stock item's
+name and shape (the replaced block's input/output projections: Ultralytics copies those too).
+"""
+STOCK_TABLE_NOTES = """
+- YOLOv11-PST (`yolo11*-pst`, the authors' layout) extends YOLO12 (`yolo12*`), as the authors built it; YOLOv12-PST
+  (`yolo12*-pst`) too, with PST outputs not width-scaled (`PSTFixedWidth`, the paper's N size), so the layers that read
+  the wider PST outputs (15, 17 and the head's P3 inputs) change shape and start untrained.
+- YOLO26-PST (`yolo26*-pst`, needs Ultralytics >= 8.4) is YOLO26 with its two top-down C3k2 blocks replaced by PST,
+  K/V from the map one level up (backbone P5 after C2PSA, backbone P4), end2end (NMS-free) head kept.
+- YOLO26 sizes are fused models: fusing an end2end model drops its one-to-many training head, as Ultralytics does for
+  inference, so they are below the parameter counts in Ultralytics' YAML comments.
+- Scales are Ultralytics' n/s/m/l/x; none of these rows is in the paper.
+"""
+
+
 @dataclass
 class ModelSize:
     """Measured size of one model (config x scale): fused, eval, k=0, batch 1.
@@ -133,7 +174,7 @@ class ModelSize:
         model: Short name, e.g. ``yolo11n-pst`` (a ``model=`` value without ``.yaml``).
         config: The YAML file it is built from.
         scale: Scale letter used.
-        task: ``detect`` or ``classify``.
+        task: ``detect``, ``segment``, ``pose``, ``obb`` or ``classify``.
         params_m: Parameters, millions.
         gflops: GFLOPs at 640 in the paper's convention (see :func:`paper_flops`).
         gflops_all: GFLOPs of a 640x640 forward, every op the counter knows (attention matmuls included).
@@ -150,6 +191,23 @@ class ModelSize:
     gflops_all_224: float | None = None
 
 
+@dataclass
+class StockComparison:
+    """A PST model beside the stock model it extends, and what a stock checkpoint gives it.
+
+    Attributes:
+        pst: Size of the PST model.
+        stock: Size of its stock counterpart at the same scale.
+        transfer: :meth:`pst_yolo.tools.transfer.TransferReport.summary` of loading the stock weights.
+        outside_pst_missing: Non-PST items that do not transfer (shape changed by a wider PST output).
+    """
+
+    pst: ModelSize
+    stock: ModelSize
+    transfer: str
+    outside_pst_missing: int
+
+
 def load_config(config: str | Path, scale: str) -> dict:
     """Load a model YAML (a path, or a name Ultralytics or pst_yolo resolves offline) as a dict built at ``scale``."""
     d = copy.deepcopy(yaml_model_load(config))
@@ -160,10 +218,9 @@ def load_config(config: str | Path, scale: str) -> dict:
 
 
 def build_model(config: str | Path, scale: str) -> torch.nn.Module:
-    """Build the Ultralytics model (DetectionModel or ClassificationModel) of ``config`` at ``scale``, untrained."""
+    """Build the Ultralytics model of ``config`` at ``scale`` (the task's model class), untrained."""
     d = load_config(config, scale)
-    model_class = {"detect": DetectionModel, "classify": ClassificationModel}[guess_model_task(d)]
-    return model_class(d, verbose=False)
+    return TASK_MODELS[guess_model_task(d)](d, verbose=False)
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -205,11 +262,11 @@ def prepare_for_measuring(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def measure(config: str | Path, scale: str, name: str | None = None) -> ModelSize:
-    """Measure ``config`` at ``scale``: fused, eval, k=0; 640 input (and 224 for classification models)."""
-    model = build_model(config, scale)
+def measure(config: str | Path, scale: str, name: str | None = None, model: torch.nn.Module | None = None) -> ModelSize:
+    """Measure ``config`` at ``scale`` (or ``model``, built from it): fused, eval, k=0; 640 (and 224 for classifiers)."""
+    model = model or build_model(config, scale)
     name = name or model_name(Path(config).stem, list(model.yaml["scales"]), scale)
-    task = "classify" if isinstance(model, ClassificationModel) else "detect"
+    task = guess_model_task(model.yaml)
     model = prepare_for_measuring(model)
     return ModelSize(
         model=name,
@@ -289,33 +346,78 @@ def markdown_table(sizes: list[ModelSize]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown_document(sizes: list[ModelSize], command: str) -> str:
-    """MODEL_ZOO.md: how the numbers were measured, the command that wrote them, and the table."""
-    return MODEL_ZOO_INTRO.format(command=command) + "\n" + markdown_table(sizes) + MODEL_ZOO_NOTES
+def compare_with_stock(config: Path, scale: str) -> StockComparison:
+    """Measure ``config`` at ``scale`` and its stock counterpart, and count the stock items its ``load`` transfers."""
+    pst_model = build_model(config, scale)
+    stock_yaml = stock_counterpart(model_name(config.stem, config_scales(config), scale))
+    stock_model = build_model(stock_yaml, scale)
+    report = transfer_report(pst_model, stock_model)  # before fusing: checkpoints hold unfused weights
+    return StockComparison(
+        pst=measure(config, scale, model=pst_model),
+        stock=measure(stock_yaml, scale, Path(stock_yaml).stem, model=stock_model),
+        transfer=report.summary(),
+        outside_pst_missing=len(report.outside_pst_missing),
+    )
 
 
-def measure_all(names: list[str] | None = None) -> list[ModelSize]:
-    """Measure every shipped config at every scale (only those named, if ``names``), after the stock baselines."""
-    if names:
-        return [measure(config, scale) for config, scale in shipped_models(names)]
-    baselines = [measure(f"{b}.yaml", guess_model_scale(f"{b}.yaml"), b) for b in BASELINES]
-    return baselines + [measure(config, scale) for config, scale in shipped_models()]
+def stock_comparison_table(rows: list[StockComparison]) -> str:
+    """Markdown table: each PST model's params and GFLOPs (both conventions) beside its stock counterpart's."""
+    lines = [
+        "| model | task | params M (stock) | GFLOPs, paper convention (stock) | GFLOPs 640, all (stock) | stock model "
+        "| items transferred from the stock checkpoint |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        p, s = r.pst, r.stock
+        lines.append(
+            f"| `{p.model}` | {p.task} | {p.params_m:.2f} ({s.params_m:.2f}) | {p.gflops:.2f} ({s.gflops:.2f}) "
+            f"| {p.gflops_all:.2f} ({s.gflops_all:.2f}) | `{s.model}` | {r.transfer} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def markdown_document(sizes: list[ModelSize], command: str, comparisons: list[StockComparison] = ()) -> str:
+    """MODEL_ZOO.md: how the numbers were measured, the command that wrote them, and the tables."""
+    text = MODEL_ZOO_INTRO.format(command=command) + "\n" + markdown_table(sizes) + MODEL_ZOO_NOTES
+    if comparisons:
+        text += STOCK_TABLE_INTRO + "\n" + stock_comparison_table(comparisons) + STOCK_TABLE_NOTES
+    return text
+
+
+def measure_all(names: list[str] | None = None) -> tuple[list[ModelSize], list[StockComparison]]:
+    """Measure every shipped config at every scale (only those named, if ``names``), after the stock baselines.
+
+    Returns:
+        The paper table's sizes (configs of the paper's families) and the stock comparisons (configs that extend a
+        stock model, :data:`pst_yolo.configs.STOCK_COUNTERPARTS`).
+    """
+    models = shipped_models(names)
+    baselines = [] if names else [measure(f"{b}.yaml", guess_model_scale(f"{b}.yaml"), b) for b in BASELINES]
+    comparisons = [compare_with_stock(c, s) for c, s in models if c.stem in STOCK_COUNTERPARTS]
+    measured = {(r.pst.config, r.pst.scale): r.pst for r in comparisons}
+    sizes = [measured.get((c.name, s)) or measure(c, s) for c, s in models if c.stem not in EXTENSION_CONFIGS]
+    return baselines + sizes, comparisons
 
 
 def main(argv: list[str] | None = None) -> None:
     """``pst-yolo sizes``: print the size table as Markdown; optionally write MODEL_ZOO-style Markdown and JSON."""
     parser = argparse.ArgumentParser(prog="pst-yolo sizes", description=__doc__.split("\n")[0])
     parser.add_argument("--configs", nargs="+", metavar="NAME", help="only these shipped configs (e.g. r18-pst)")
-    parser.add_argument("--markdown-out", type=Path, metavar="FILE", help="write the table, with how it was measured")
-    parser.add_argument("--json-out", type=Path, metavar="FILE", help="write the measurements as JSON")
+    output = argparse_type(check_output_file, "output file", parse=Path)
+    parser.add_argument("--markdown-out", type=output, metavar="FILE", help="write the table, with how it was measured")
+    parser.add_argument("--json-out", type=output, metavar="FILE", help="write the measurements as JSON")
     args = parser.parse_args(argv)
-    sizes = measure_all(args.configs)
-    print(markdown_table(sizes), end="")
+    sizes, comparisons = measure_all(args.configs)
+    if sizes:
+        print(markdown_table(sizes), end="")
+    if comparisons:
+        print(stock_comparison_table(comparisons), end="")
     if args.markdown_out:
         command = " ".join(["python scripts/model_sizes.py", *(argv if argv is not None else sys.argv[1:])])
-        args.markdown_out.write_text(markdown_document(sizes, command))
+        args.markdown_out.write_text(markdown_document(sizes, command, comparisons))
     if args.json_out:
-        args.json_out.write_text(json.dumps([asdict(s) for s in sizes], indent=2) + "\n")
+        measured = [asdict(s) for s in sizes] + [asdict(c) for c in comparisons]
+        args.json_out.write_text(json.dumps(measured, indent=2) + "\n")
 
 
 if __name__ == "__main__":

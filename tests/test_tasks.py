@@ -1,0 +1,178 @@
+"""Every Ultralytics task with PST through the stock ``yolo`` command, on the offline digits data (slow).
+
+Per task (instance segmentation, pose, oriented boxes with YOLOv11-PST; detection with the NMS-free YOLO26-PST):
+train 1 epoch on a tiny set (YOLO26-PST from a stock YOLO26n checkpoint, ``pretrained=``), ``val`` with rect at a size
+that is not a multiple of the stride; then, on that checkpoint with BatchNorm statistics calibrated on the input (so
+detections exist and the fine attention visibly acts: k=8 vs k=0 asserted), ``predict`` with saved task labels and
+``export format=onnx`` with onnxruntime parity at k=8 (fp32, 1e-4). One trained and one calibrated checkpoint per task
+are shared by the steps (module-scoped fixtures).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from ultralytics import YOLO
+from ultralytics.data.augment import LetterBox
+
+from pst_yolo import PST, set_topk
+from pst_yolo.configs import stock_counterpart
+from pst_yolo.tools.datasets import build_digits_detection
+from pst_yolo.tools.task_datasets import KEYPOINT_NAMES, build_digits_task
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "YOLO_OFFLINE": "true", "YOLO_AUTOINSTALL": "false", "YOLO_VERBOSE": "true"}
+IMGSZ = 64  # training images (P5 2x2)
+EXPORT_IMGSZ = 128  # P5 4x4 = 16 upper tokens > k = 8, so top-k selects
+ATOL = 1e-4
+pytestmark = pytest.mark.slow
+
+# task -> (model, columns of one `predict save_txt=True` row, or None for polygons of any length)
+CASES = {
+    "segment": ("yolo11n-seg-pst.yaml", None),
+    "pose": ("yolo11n-pose-pst.yaml", 1 + 4 + 3 * len(KEYPOINT_NAMES)),
+    "obb": ("yolo11n-obb-pst.yaml", 1 + 8),
+    "detect": ("yolo26n-pst.yaml", 1 + 4),
+}
+
+
+def yolo(*args, cwd: Path, exe: str = "yolo") -> str:
+    result = subprocess.run([str(BIN / exe), *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{exe} {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def trained(request, tmp_path_factory):
+    """(task, work dir, data.yaml, best.pt) after 1 epoch of ``yolo train`` on 8 images of 64 px."""
+    task = request.param
+    root = tmp_path_factory.mktemp(task)
+    kwargs = {"train_images": 8, "val_images": 4, "imgsz": IMGSZ, "seed": 1}
+    if task == "detect":
+        data = build_digits_detection(root / "data", **kwargs)
+    else:
+        data = build_digits_task(root / "data", task, **kwargs)
+    model = CASES[task][0]
+    args = ["epochs=1", f"imgsz={IMGSZ}", "batch=4", "workers=0", "device=cpu", "plots=False", "seed=0"]
+    if task == "detect":  # the head-start path: a stock YOLO26n checkpoint (built from its YAML) as `pretrained=`
+        stock = root / "yolo26n-stock.pt"
+        YOLO(stock_counterpart(model)).save(str(stock))
+        args.append(f"pretrained={stock}")
+    out = yolo(
+        "train", f"task={task}", f"model={model}", f"data={data}", *args, f"project={root / 'runs'}", "name=t", cwd=root
+    )
+    if task == "detect":
+        # 600 non-PST items, less the 12 class-output convs (80 -> 10 classes; Ultralytics rebuilds the rest of the
+        # class branches at the stock width), plus 12 items in the PST rows that match by name and shape.
+        assert "Transferred 600/716 items" in out, out[-3000:]
+    best = root / "runs" / "t" / "weights" / "best.pt"
+    assert best.exists()
+    return task, root, data, best
+
+
+def test_checkpoint_keeps_task_and_pst(trained):
+    task, _, _, best = trained
+    model = YOLO(str(best))
+    assert model.task == task
+    assert sum(isinstance(m, PST) for m in model.model.modules()) == 2
+    if task == "detect":
+        assert model.model.model[-1].one2one_cv2 is not None  # YOLO26's NMS-free head kept
+
+
+def test_val_rect_at_odd_size(trained):
+    _, root, data, best = trained
+    out = yolo("val", f"model={best}", f"data={data}", "imgsz=100", "rect=True", "batch=2", "workers=0", cwd=root)
+    assert "all" in out
+
+
+def calibrate_batchnorm(model: torch.nn.Module, images: torch.Tensor) -> None:
+    """BatchNorm (and PSA fine-K/V) statistics := those of ``images`` (B, 3, H, W), BatchNorm gains 0.3; then eval.
+
+    One epoch on 8 images leaves near-initial statistics, under which the fine branch is invisible. Gains of 0.3, as in
+    tests/test_export.py, keep the calibrated network's activations O(1): with unit gains it amplifies fp32 rounding
+    about a thousandfold. Class biases are zeroed so that scores spread around 0.5 (no near-ties in YOLO26's top-k).
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+        m.reset_running_stats()
+        torch.nn.init.constant_(m.weight, 0.3)
+        m.momentum = 1.0  # running statistics := this batch's
+    with torch.no_grad():
+        model.train()(images)
+    for m in norms:
+        m.momentum = 0.03
+    head = model.model[-1]
+    for branch in [*head.cv3, *(getattr(head, "one2one_cv3", None) or [])]:
+        torch.nn.init.zeros_(branch[-1].bias)
+    model.eval()
+
+
+def letterboxed_val_images(data: Path, size: int) -> torch.Tensor:
+    """The first two val images letterboxed to ``size`` as predict does: (2, 3, size, size) RGB in [0, 1]."""
+    files = sorted((Path(data).parent / "images" / "val").glob("*.png"))[:2]
+    images = [LetterBox((size, size), auto=False)(image=cv2.imread(str(f))) for f in files]
+    return torch.from_numpy(np.stack(images)[..., ::-1].transpose(0, 3, 1, 2).copy()).float() / 255
+
+
+def outputs(model: torch.nn.Module, x: torch.Tensor) -> list[np.ndarray]:
+    """Every tensor of an eval forward's first element (seg: predictions and prototypes), as numpy."""
+    with torch.no_grad():
+        y = model(x)
+    y = y[0] if isinstance(y, (list, tuple)) and isinstance(y[1], dict) else y  # (predictions, raw dict) in eval
+    return [t.numpy() for t in (y if isinstance(y, (list, tuple)) else [y])]
+
+
+@pytest.fixture(scope="module")
+def calibrated(trained):
+    """(task, work dir, data.yaml, calibrated.pt, (2, 3, 128, 128) val images it was calibrated on)."""
+    task, root, data, best = trained
+    x = letterboxed_val_images(data, EXPORT_IMGSZ)
+    model = YOLO(str(best))
+    calibrate_batchnorm(model.model.float(), x)
+    checkpoint = root / "calibrated.pt"
+    model.save(str(checkpoint))
+    return task, root, data, checkpoint, x
+
+
+def test_predict_writes_task_labels(calibrated):
+    """``yolo predict save_txt=True`` writes rows in the task's format (calibrated weights: scores around 0.5)."""
+    task, root, data, checkpoint, _ = calibrated
+    source = Path(data).parent / "images" / "val"
+    args = [f"source={source}", f"imgsz={IMGSZ}", "max_det=5", "save_txt=True"]
+    yolo("predict", f"model={checkpoint}", *args, f"project={root / 'runs'}", "name=p", cwd=root)
+    rows = [r.split() for f in (root / "runs" / "p" / "labels").glob("*.txt") for r in f.read_text().splitlines()]
+    assert rows, "no predictions written"
+    columns = CASES[task][1]
+    if columns is None:  # segment: class + polygon (x, y) pairs (an empty mask writes the class alone)
+        assert all(len(row) % 2 == 1 for row in rows) and any(len(row) >= 1 + 6 for row in rows), rows[:3]
+    else:
+        assert all(len(row) == columns for row in rows), rows[:3]
+
+
+def test_export_onnx_matches_torch_with_fine_attention(calibrated):
+    ort = pytest.importorskip("onnxruntime")
+    task, root, _, checkpoint, x = calibrated
+    reference = YOLO(str(checkpoint)).model.float().fuse().eval()
+    set_topk(reference, 0)
+    coarse = outputs(reference, x[:1])
+    set_topk(reference, 8)
+    fine = outputs(reference, x[:1])
+    moved = max(float(np.abs(a - b).max() / (np.abs(a).max() + 1e-9)) for a, b in zip(coarse, fine))
+    assert moved > 1e-3, f"k=8 output equals k=0 (relative change {moved:.1e}): fine attention not visible"
+
+    yolo("export", f"model={checkpoint}", "format=onnx", f"imgsz={EXPORT_IMGSZ}", "topk=8", cwd=root, exe="pst-yolo")
+    session = ort.InferenceSession(str(checkpoint.with_suffix(".onnx")), providers=["CPUExecutionProvider"])
+    exported = session.run(None, {session.get_inputs()[0].name: x[:1].numpy()})
+    assert len(exported) == len(fine)
+    for ours, theirs in zip(fine, exported):
+        assert ours.shape == theirs.shape
+        error = float((np.abs(ours - theirs) / np.maximum(np.abs(ours), 1.0)).max())  # relative above 1 (pixels)
+        print(f"\n[parity] {task} k=8 {ours.shape}: max error {error:.1e} (k=8 vs k=0: {moved:.1e})")
+        np.testing.assert_allclose(theirs, ours, rtol=ATOL, atol=ATOL)
