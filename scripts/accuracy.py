@@ -4,13 +4,13 @@ For each seed: build the demo's digits data set with that seed, train every mode
 training code and short schedule (same epochs, image size, batch, seed), validate the stock model once and each PST
 model at every k of ``--ks`` (one load per model, ``pst_yolo.tools.topk.sweep``). Each (seed, model) result is saved
 as soon as it exists (``OUT/results/``), so an interrupted run resumes where it stopped. At the end the Markdown
-tables (mean +- sample std over seeds, paired differences) go to ``OUT/accuracy.md`` and all numbers to
-``OUT/accuracy.json``. Seeds may run as parallel processes sharing ``--out``; a last call with all the seeds then
-only reads their saved results and writes the tables. The tables in docs/ACCURACY.md were made by (one thread per
-process: on a shared CPU, two-thread OpenMP under contention ran 3x slower):
+tables (mean +- sample std over seeds, paired differences) go to ``OUT/accuracy.md``, a plot of mAP against k to
+``OUT/accuracy.png`` and all numbers to ``OUT/accuracy.json``. Seeds may run as parallel processes sharing ``--out``;
+a last call with all the seeds (same settings) reads their saved results and writes the tables. The tables in
+docs/ACCURACY.md were made by (one thread per process: on the shared CPU, two OpenMP threads ran 3x slower):
 
-    for s in 1 2 3; do OMP_NUM_THREADS=1 nice -n 10 python scripts/accuracy.py --seeds $s --out runs/accuracy & done; wait
-    python scripts/accuracy.py --seeds 1 2 3 --out runs/accuracy
+    for s in 1 2 3; do OMP_NUM_THREADS=1 nice -n 10 python scripts/accuracy.py --seeds $s & done; wait
+    python scripts/accuracy.py --seeds 1 2 3    # the default --out runs/accuracy
 
 Not part of CI (about an hour on a shared 2-core CPU, minutes on a GPU with ``--device 0``);
 ``--epochs 1 --train-images 16 --val-images 8 --imgsz 64`` is a smoke test of a few minutes.
@@ -117,7 +117,8 @@ def tables(results: list[dict], args: argparse.Namespace) -> str:
             diff = paired(model, k, ref, None) if model != ref else None
             wins = f", {sum(d > 0 for d in diff)}/{len(diff)} > 0" if diff else ""
             out.append(
-                f"| {model} | {'-' if k is None else k} | {mean_std([metric(by[model, s], k, 'mAP50') for s in seeds])} "
+                f"| {model} | {'-' if k is None else k} "
+                f"| {mean_std([metric(by[model, s], k, 'mAP50') for s in seeds])} "
                 f"| {mean_std(per_seed)} | {' / '.join(f'{100 * v:.1f}' for v in per_seed)} "
                 f"| {mean_std(diff) + wins if diff else '-'} "
                 f"| {statistics.mean(by[model, s]['train_s'] for s in seeds):.0f} |"
@@ -137,6 +138,36 @@ def tables(results: list[dict], args: argparse.Namespace) -> str:
                 f"| {statistics.mean(metric(by[model, s], k, 'inference_ms') for s in seeds):.1f} |"
             )
     return "\n".join(out)
+
+
+def plot_sweeps(results: list[dict], path: Path) -> Path:
+    """mAP50-95 against k for each PST model: mean over seeds with a +-1 std band, each seed as a thin line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6, 4), tight_layout=True)
+    for model in sorted({r["model"] for r in results if r["rows"][0]["k"] is not None}):
+        runs = [r for r in results if r["model"] == model]
+        ks = [row["k"] for row in runs[0]["rows"]]
+        maps = 100 * np.array([[metric(r, k, "mAP50-95") for k in ks] for r in runs])  # (seeds, ks)
+        (line,) = ax.plot(ks, maps.mean(0), marker="o", label=f"{model} (mean of {len(runs)} seeds)")
+        if len(runs) > 1:
+            ax.fill_between(ks, maps.mean(0) - maps.std(0, ddof=1), maps.mean(0) + maps.std(0, ddof=1), alpha=0.15)
+        for seed_maps in maps:
+            ax.plot(ks, seed_maps, color=line.get_color(), lw=0.6, alpha=0.5)
+    for r in results:
+        if r["rows"][0]["k"] is None:
+            ax.axhline(100 * r["rows"][0]["mAP50-95"], color="grey", lw=0.6, ls="--")
+    ax.plot([], [], color="grey", lw=0.6, ls="--", label="stock model, one line per seed")
+    ax.set_xlabel("top-k at validation (0 = coarse attention only)")
+    ax.set_ylabel("mAP50-95 (%)")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -161,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
             results.append(json.loads(path.read_text()))
     markdown = tables(results, args)
     (args.out / "accuracy.md").write_text(markdown + "\n")
+    plot_sweeps(results, args.out / "accuracy.png")
     (args.out / "accuracy.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                         "paper": PAPER, "results": results}, indent=2))  # fmt: skip
     print(f"\n{markdown}\n\nwall time {time.perf_counter() - start:.0f} s; tables in {args.out / 'accuracy.md'}")

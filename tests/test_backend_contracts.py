@@ -218,3 +218,23 @@ def test_op_through_sage(standins, topk, dtype, B, heads, fine_hw, coarse_hw):
     assert out.dtype == dtype and error <= 2 * max(plain_error, kernel_error), (
         f"sage {error:.2e}, plain PyTorch {plain_error:.2e}, sage kernel alone {kernel_error:.2e}"
     )
+
+
+@pytest.mark.parametrize("backend", ["flash", "sage"])
+def test_threshold_through_kernels(standins, backend):
+    """The threshold (here the mean score, 1/M) drops low-scored tokens on the kernel pass as on the reference."""
+    fine_hw, coarse_hw = ((13, 13), (7, 7)) if backend == "flash" else ((16, 16), (8, 8))
+    inputs = [t.half() for t in random_inputs(2, 2, fine_hw, coarse_hw, seed=1)]
+    threshold = 1 / (coarse_hw[0] * coarse_hw[1])
+    with torch.no_grad():
+        out = pyramid_sparse_attention(
+            *inputs, fine_hw, coarse_hw, 30, threshold, backend=backend, coarse_pass="kernel"
+        )
+    error, plain_error = precision_errors(out, inputs, fine_hw, coarse_hw, 30, threshold)
+    q, k, v = inputs[:3]
+    kernel_error = 0.0
+    if backend == "sage":
+        padded = [torch.nn.functional.pad(t, (0, 32)).contiguous() for t in (q, k, v)]
+        kernel_alone = standins["sageattention"].sageattn(*padded, sm_scale=32**-0.5)[..., :32]
+        kernel_error = (kernel_alone.double() - dense_reference(q, k, v)[0]).abs().max().item()
+    assert error <= 2 * max(plain_error, kernel_error), (error, plain_error, kernel_error)

@@ -41,6 +41,7 @@ CASES = {
     "obb": ("yolo11n-obb-pst.yaml", 1 + 8),
     "detect": ("yolo26n-pst.yaml", 1 + 4),
 }
+END2END = "nms=False"  # Ultralytics 8.4: val/predict/export through YOLO26's NMS-free one-to-one head
 
 
 def yolo(*args, cwd: Path, exe: str = "yolo") -> str:
@@ -87,8 +88,9 @@ def test_checkpoint_keeps_task_and_pst(trained):
 
 
 def test_val_rect_at_odd_size(trained):
-    _, root, data, best = trained
-    out = yolo("val", f"model={best}", f"data={data}", "imgsz=100", "rect=True", "batch=2", "workers=0", cwd=root)
+    task, root, data, best = trained
+    args = [f"data={data}", "imgsz=100", "rect=True", "batch=2", "workers=0", *([END2END] if task == "detect" else [])]
+    out = yolo("val", f"model={best}", *args, cwd=root)
     assert "all" in out
 
 
@@ -145,7 +147,13 @@ def test_predict_writes_task_labels(calibrated):
     """``yolo predict save_txt=True`` writes rows in the task's format (calibrated weights: scores around 0.5)."""
     task, root, data, checkpoint, _ = calibrated
     source = Path(data).parent / "images" / "val"
-    args = [f"source={source}", f"imgsz={IMGSZ}", "max_det=5", "save_txt=True"]
+    args = [
+        f"source={source}",
+        f"imgsz={IMGSZ}",
+        "max_det=5",
+        "save_txt=True",
+        *([END2END] if task == "detect" else []),
+    ]
     yolo("predict", f"model={checkpoint}", *args, f"project={root / 'runs'}", "name=p", cwd=root)
     rows = [r.split() for f in (root / "runs" / "p" / "labels").glob("*.txt") for r in f.read_text().splitlines()]
     assert rows, "no predictions written"
@@ -160,6 +168,8 @@ def test_export_onnx_matches_torch_with_fine_attention(calibrated):
     ort = pytest.importorskip("onnxruntime")
     task, root, _, checkpoint, x = calibrated
     reference = YOLO(str(checkpoint)).model.float().fuse().eval()
+    if task == "detect":
+        reference.end2end = True  # YOLO26: the one-to-one head's (1, max_det, 6) output, as `nms=False` exports it
     set_topk(reference, 0)
     coarse = outputs(reference, x[:1])
     set_topk(reference, 8)
@@ -167,10 +177,13 @@ def test_export_onnx_matches_torch_with_fine_attention(calibrated):
     moved = max(float(np.abs(a - b).max() / (np.abs(a).max() + 1e-9)) for a, b in zip(coarse, fine))
     assert moved > 1e-3, f"k=8 output equals k=0 (relative change {moved:.1e}): fine attention not visible"
 
-    yolo("export", f"model={checkpoint}", "format=onnx", f"imgsz={EXPORT_IMGSZ}", "topk=8", cwd=root, exe="pst-yolo")
+    args = ["format=onnx", f"imgsz={EXPORT_IMGSZ}", "topk=8", *([END2END] if task == "detect" else [])]
+    yolo("export", f"model={checkpoint}", *args, cwd=root, exe="pst-yolo")
     session = ort.InferenceSession(str(checkpoint.with_suffix(".onnx")), providers=["CPUExecutionProvider"])
     exported = session.run(None, {session.get_inputs()[0].name: x[:1].numpy()})
     assert len(exported) == len(fine)
+    if task == "detect":
+        assert exported[0].shape == (1, 300, 6)  # end2end: [x1, y1, x2, y2, score, class] of the top 300
     for ours, theirs in zip(fine, exported):
         assert ours.shape == theirs.shape
         error = float((np.abs(ours - theirs) / np.maximum(np.abs(ours), 1.0)).max())  # relative above 1 (pixels)

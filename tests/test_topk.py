@@ -1,7 +1,8 @@
-"""``pst-yolo topk``: metrics per task, the YAML/checkpoint top-k rewrite, and the tool end to end with stock ``yolo val``."""
+"""``pst-yolo topk``: metrics per task, the top-k rewrite of YAML and checkpoint, the tool end to end with stock yolo"""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -76,11 +77,12 @@ def test_save_with_topk_sets_model_ema_and_yaml(tmp_path):
     """A mid-training checkpoint holds the model and its EMA: both get the new k, in modules and YAML; src unchanged."""
     yaml = yaml_model_load("yolo11n-pst.yaml")
     src = tmp_path / "last.pt"
-    torch.save({"model": DetectionModel(yaml, verbose=False), "ema": DetectionModel(yaml, verbose=False)}, src)
+    model = DetectionModel(yaml, verbose=False)
+    torch.save({"model": model, "ema": copy.deepcopy(model)}, src)
     ckpt = torch.load(topk.save_with_topk(src, tmp_path / "copy.pt", 16), map_location="cpu", weights_only=False)
-    for key in ("model", "ema"):
-        assert psa_topks(ckpt[key]) == {16}
-        assert psa_topks(DetectionModel(ckpt[key].yaml, verbose=False)) == {16}
+    assert ckpt["model"] is not ckpt["ema"]
+    assert psa_topks(ckpt["model"]) == psa_topks(ckpt["ema"]) == {16}
+    assert ckpt["model"].yaml == ckpt["ema"].yaml == topk.yaml_with_topk(yaml, 16)
     assert ckpt["pst_yolo"]["topk"] == 16
     assert psa_topks(torch.load(src, map_location="cpu", weights_only=False)["ema"]) == {8}
 

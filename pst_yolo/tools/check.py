@@ -122,7 +122,7 @@ def sage_kernel_error(case, dtype, device) -> float:
     return (out.double() - reference).abs().max().item()
 
 
-def check_backends(device, dtypes=None) -> Part:
+def check_backends(device, dtypes=None, backends=("naive", "sdpa", "flash", "sage")) -> Part:
     """Every usable backend x dtype x shape against float64: top-k 0 (forward and, except sage, gradients, as in
     training) and top-k 8 through each coarse pass (see the module docstring)."""
     import torch
@@ -131,7 +131,7 @@ def check_backends(device, dtypes=None) -> Part:
 
     part = Part("backends")
     dtypes = dtypes or [torch.float32, torch.float16, torch.bfloat16]
-    for backend in ("naive", "sdpa", "flash", "sage"):
+    for backend in backends:
         for dtype in dtypes:
             probe = torch.zeros(1, 1, 1, 32, device=device, dtype=dtype)
             reason = unusable_reason(backend, probe, needs_grad=False)
@@ -172,8 +172,10 @@ def _refuses(backend, case, dtype, device) -> bool:
 
 # ------------------------------------------------------------------------------------------- train, val, export
 def check_training(args, device, data: Path) -> tuple[Part, Path | None]:
+    import torch
     from ultralytics import YOLO
 
+    from ..ops import resolve_backend
     from .demo import SHORT_SCHEDULE
 
     part = Part("train")
@@ -187,7 +189,11 @@ def check_training(args, device, data: Path) -> tuple[Part, Path | None]:
     trainer = model.trainer
     weights = Path(trainer.save_dir) / "weights" / "best.pt"
     losses = {k: float(v) for k, v in trainer.label_loss_items(trainer.tloss, prefix="train").items()}
-    part.rows.append({"epochs": args.epochs, "imgsz": args.imgsz, "amp": bool(trainer.amp), **losses})
+    probe = torch.zeros(1, 1, 1, 32, device=device, dtype=torch.float16 if cuda else torch.float32).requires_grad_()
+    backend = resolve_backend("auto", probe)  # what the PSA layers ran with under AMP
+    part.rows.append(
+        {"epochs": args.epochs, "imgsz": args.imgsz, "amp": bool(trainer.amp), "attention": backend, **losses}
+    )
     finite = all(math.isfinite(v) for v in losses.values())
     if not (weights.exists() and finite and (trainer.amp or not cuda)):
         part.status, part.reason = "failed", f"best.pt exists: {weights.exists()}, finite losses: {finite}"
@@ -312,7 +318,7 @@ def check_export(args, device, data: Path, weights: Path) -> Part:
 # ------------------------------------------------------------------------------------------------------ speed
 def check_speed(args, device) -> Part:
     """Op latency and peak memory per backend at 640 (P3 and P4 shapes of an N model), then YOLOv11-PST-N at k=0 and
-    k=8 per backend against the stock YOLO12n, under fp16 autocast on CUDA (paper Table 4f style)."""
+    k=8 per backend against the stock YOLO12n, in fp16 on CUDA (paper Table 4f style)."""
     import torch
 
     from ..ops import pyramid_sparse_attention
@@ -338,30 +344,22 @@ def check_speed(args, device) -> Part:
         what = f"op {shape['level']} {shape['fine_hw'][0]}x{shape['fine_hw'][1]}"
         for key in calls:
             part.rows.append({"what": what, "backend": key[0], "topk": key[1], "ms": ms[key], "peak_mb": mb[key]})
-    # Models: explicit sage would refuse P4's 400 keys at 640; with sage installed, "auto" uses it where it can.
+    # Models in the input dtype of the op (fp16 on CUDA, as half=True runs them). Explicit sage would refuse P4's 400
+    # keys at 640; with sage installed, "auto" uses it where it can.
     backends = ["auto"] + [b for b in benchmark.usable_backends(["naive", "sdpa", "flash"], device, dtype)]
     variants = benchmark.model_variants(["yolo12n", "yolo11n-pst"], 8, backends, device)
-    x = torch.rand(1, 3, imgsz, imgsz, device=device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
-    calls = {
-        label: _autocast(benchmark.forward_with_topk(*variant[:3], x), autocast) for label, variant in variants.items()
-    }
+    for model, *_ in variants.values():
+        model.to(dtype)
+    x = torch.rand(1, 3, imgsz, imgsz, device=device, dtype=dtype)
+    calls = {label: benchmark.forward_with_topk(*variant[:3], x) for label, variant in variants.items()}
     with torch.inference_mode():
         ms = benchmark.time_round_robin(calls, repeats, warmup, device)
         mb = {label: benchmark.peak_memory_mb(fn, device) for label, fn in calls.items()}
     for label in calls:
-        part.rows.append({"what": f"model {imgsz} px", "backend": label, "ms": ms[label], "peak_mb": mb[label]})
+        part.rows.append(
+            {"what": f"model {imgsz} px {str(dtype)[6:]}", "backend": label, "ms": ms[label], "peak_mb": mb[label]}
+        )
     return part
-
-
-def _autocast(run, autocast):
-    """``run`` called inside the (re-entrant) autocast context."""
-
-    def call():
-        with autocast:
-            return run()
-
-    return call
 
 
 # ----------------------------------------------------------------------------------------------------- driver

@@ -231,7 +231,7 @@ def parse_args(argv: list[str]) -> dict:
 
 
 def run(model: Path, ks: list[int], save: bool | int, project: Path, name: str, val_kwargs: dict) -> dict:
-    """Sweep ``ks`` on ``model``, write the table, JSON and plot, and (``save``) the checkpoint copy; return a summary."""
+    """Sweep ``ks`` on ``model``; write the table, JSON, plot and (``save``) the checkpoint copy; return a summary."""
     from ultralytics import YOLO
     from ultralytics.utils.files import increment_path
 
