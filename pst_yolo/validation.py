@@ -190,11 +190,13 @@ def check_pyramid_attention_call(
     grids: tuple[object, object] | None,
     topk: object,
     threshold: object,
+    fine_projection: object = None,
 ) -> None:
     """Arguments of ``pyramid_sparse_attention``; grids is ``(fine_hw, coarse_hw)``, or None while exporting, which
     checks only the Python arguments (topk, threshold).
 
-    k_fine and v_fine may be None only when topk is 0. In debug mode (``PST_YOLO_CHECK_FINITE=1``) q, k, v, k_fine and
+    k_fine and v_fine may be None only when topk is 0 or a ``fine_projection`` (checked by
+    :func:`check_fine_projection`) replaces them. In debug mode (``PST_YOLO_CHECK_FINITE=1``) q, k, v, k_fine and
     v_fine must also be finite.
     """
     topk = check_int(topk, "topk", where, minimum=0)
@@ -203,7 +205,9 @@ def check_pyramid_attention_call(
         return
     check_grid(grids[0], "fine_hw", where)
     check_grid(grids[1], "coarse_hw", where)
-    if topk and (k_fine is None or v_fine is None):
+    if topk and fine_projection is not None:
+        check_fine_projection(where, fine_projection, q)
+    elif topk and (k_fine is None or v_fine is None):
         raise ValueError(
             f"{where}: k_fine and v_fine are needed when topk > 0 (got topk={topk}); pass topk=0 for coarse only."
         )
@@ -212,6 +216,32 @@ def check_pyramid_attention_call(
         for name, t in (("q", q), ("k", k), ("v", v), ("k_fine", k_fine), ("v_fine", v_fine)):
             if t is not None:
                 check_finite(t, name, where)
+
+
+def check_fine_projection(where: str, projection: object, q: torch.Tensor) -> None:
+    """A ``FineProjection`` for queries q (B, h, N, d): features (B, C, N), weight (2, h, d, C), scale and shift
+    (2, h, d) or None; floating point, on q's device (dtypes may differ from q's under autocast)."""
+    fields = ("features", "weight", "scale", "shift")
+    if not all(hasattr(projection, name) for name in fields):
+        rule = "a FineProjection (features, weight, scale, shift)"
+        raise _fail(TypeError, where, "fine_projection", rule, projection)
+    check_tensor(q, "q", where, ndim=4)
+    B, h, N, d = q.shape
+    features = check_tensor(projection.features, "fine_projection.features", where, ndim=3)
+    check_shape(features, "fine_projection.features", (B, None, N), "(B, C, N) with q's B, N", where)
+    expected = {"weight": (2, h, d, features.shape[1]), "scale": (2, h, d), "shift": (2, h, d)}
+    layouts = {"weight": "(2, h, d, C) with q's h, d and the features' C", "scale": "(2, h, d)", "shift": "(2, h, d)"}
+    for name in fields[1:]:
+        t = getattr(projection, name)
+        if t is None and name != "weight":
+            continue
+        check_tensor(t, f"fine_projection.{name}", where, ndim=len(expected[name]))
+        check_shape(t, f"fine_projection.{name}", expected[name], layouts[name], where)
+    for name in fields:
+        t = getattr(projection, name)
+        if t is not None and t.device != q.device:
+            rule = f"on {q.device} like the queries"
+            raise _fail(ValueError, where, f"fine_projection.{name}", rule, t, str(t.device))
 
 
 def check_finite(tensor: torch.Tensor, name: str, where: str = "") -> None:

@@ -24,11 +24,12 @@ IMGSZ = 160  # P3 PSA: 20x20 queries over 10x10 keys; P4: 10x10 over 5x5
 
 
 @pytest.mark.parametrize("coarse_pass", ["fused", "kernel"])
-@pytest.mark.parametrize("backend", ["naive", "sdpa"])
 @pytest.mark.parametrize("topk", [0, 8])
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("B,heads,fine_hw,coarse_hw", SHAPES)
-def test_op_in_half_precision(coarse_pass, backend, topk, dtype, B, heads, fine_hw, coarse_hw):
+def test_op_in_half_precision(coarse_pass, topk, dtype, B, heads, fine_hw, coarse_hw):
+    """SDPA backend (the ``naive`` one in half precision: ``pst-yolo check --parts backends``)."""
+    backend = "sdpa"
     inputs = [t.to(dtype) for t in random_inputs(B, heads, fine_hw, coarse_hw)]
     out = pyramid_sparse_attention(*inputs, fine_hw, coarse_hw, topk=topk, backend=backend, coarse_pass=coarse_pass)
     error, plain_error = precision_errors(out, inputs, fine_hw, coarse_hw, topk)

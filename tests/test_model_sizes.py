@@ -10,10 +10,13 @@ import json
 import pytest
 from ultralytics import YOLO
 
+from pst_yolo import PST
 from pst_yolo.configs import model_configs
 from pst_yolo.tools.model_sizes import (
+    EXTENSION_CONFIGS,
     PAPER_ROWS,
     ModelSize,
+    StockComparison,
     all_flops,
     config_scales,
     count_params,
@@ -23,6 +26,7 @@ from pst_yolo.tools.model_sizes import (
     model_name,
     paper_flops,
     prepare_for_measuring,
+    stock_comparison_table,
     within_paper_precision,
 )
 
@@ -67,8 +71,37 @@ def assert_size(measured: float, expected: float | str, what: str) -> None:
 
 
 def test_expected_table_covers_every_shipped_config_and_scale():
-    shipped = {model_name(c.stem, config_scales(c), s) for c in model_configs() for s in config_scales(c)}
+    shipped = {
+        model_name(c.stem, config_scales(c), s)
+        for c in model_configs()
+        if c.stem not in EXTENSION_CONFIGS  # other tasks and YOLO26: sizes in docs/MODEL_ZOO_TASKS.md
+        for s in config_scales(c)
+    }
     assert shipped == set(EXPECTED)
+
+
+# Task and YOLO26 configs beyond the paper, at s/m/l/x (scale n of each is built in tests/test_transfer.py).
+EXTENSION_MODELS = [
+    model_name(c.stem, config_scales(c), s)
+    for c in model_configs()
+    if c.stem in EXTENSION_CONFIGS
+    for s in config_scales(c)
+    if s != "n"
+]
+
+
+def test_task_and_yolo26_configs_define_every_scale():
+    assert len(EXTENSION_MODELS) == 4 * len(EXTENSION_CONFIGS) == 40
+
+
+@pytest.mark.parametrize("name", EXTENSION_MODELS)
+def test_task_and_yolo26_configs_build_at_every_scale(name):
+    model = YOLO(f"{name}.yaml")
+    task = next(
+        t for t, key in (("segment", "-seg"), ("pose", "-pose"), ("obb", "-obb"), ("detect", "")) if key in name
+    )
+    assert model.task == task
+    assert sum(isinstance(m, PST) for m in model.model.modules()) == 2
 
 
 @pytest.mark.parametrize("name", EXPECTED)
@@ -118,6 +151,16 @@ def test_markdown_table_puts_the_paper_beside_ours():
     assert "2.60 (2.8)" in rows[1] and "does not reproduce YOLOv11-PST-N" in rows[1]
     assert "not in the paper" in rows[2]
     assert PAPER_ROWS["r18-pst"].name == "R-18-PST-N (det)"
+
+
+def test_stock_comparison_table_puts_the_stock_model_beside_ours():
+    pst = ModelSize("yolo26n-pst", "yolo26-pst.yaml", "n", "detect", 2.38, 5.04, 6.63)
+    stock = ModelSize("yolo26n", "yolo26n.yaml", "n", "detect", 2.41, 5.36, 5.48)
+    (row,) = stock_comparison_table(
+        [StockComparison(pst, stock, "612/716 (600/600 non-PST + 12 in PST rows)", 0)]
+    ).split("\n")[2:3]
+    assert "2.38 (2.41)" in row and "5.04 (5.36)" in row and "6.63 (5.48)" in row and "`yolo26n`" in row
+    assert "612/716 (600/600 non-PST" in row
 
 
 def test_sizes_tool_writes_markdown_and_json(tmp_path):

@@ -167,9 +167,10 @@ def test_predict_writes_task_labels(calibrated):
 def test_export_onnx_matches_torch_with_fine_attention(calibrated):
     ort = pytest.importorskip("onnxruntime")
     task, root, _, checkpoint, x = calibrated
-    reference = YOLO(str(checkpoint)).model.float().fuse().eval()
-    if task == "detect":
-        reference.end2end = True  # YOLO26: the one-to-one head's (1, max_det, 6) output, as `nms=False` exports it
+    reference = YOLO(str(checkpoint)).model.float()
+    if task == "detect":  # YOLO26: the one-to-one head's (1, max_det, 6) output, as `nms=False` exports it;
+        reference.end2end = True  # set before fuse(), which drops the head not selected
+    reference = reference.fuse().eval()
     set_topk(reference, 0)
     coarse = outputs(reference, x[:1])
     set_topk(reference, 8)

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ultralytics.nn.modules import Conv
 
-from ..ops import BACKENDS, pyramid_sparse_attention_parts
+from ..ops import BACKENDS, FineProjection, pyramid_sparse_attention_parts
 from ..ops.backends import is_exporting
 from ..validation import check_bool, check_choice, check_int, check_number, check_shape, check_tensor
 
@@ -118,6 +118,34 @@ class PSAttn(nn.Module):
             return F.batch_norm(y, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
         return F.batch_norm(y, self.fine_kv_mean, self.fine_kv_var, bn.weight, bn.bias, False, 0.0, bn.eps)
 
+    def fine_projection(self, x: torch.Tensor) -> FineProjection | None:
+        """The fine K/V projection of x (B, C, H, W) for the op to apply to the selected tokens only.
+
+        Weight (2, h, d, C) of the shared (or unshared) 1x1 conv and its BatchNorm as an affine (2, h, d) each: the
+        fine-map statistics for the shared conv (after Ultralytics' fuse: the fused conv's bias then the folded fine
+        affine), the conv's own for the unshared one. None where the BatchNorm normalises with batch statistics
+        (training mode, or no running statistics): those need the whole map, so :meth:`fine_keys_values` runs.
+        """
+        module = self.kv if self.kv_fine is None else self.kv_fine
+        bn, conv = getattr(module, "bn", None), module.conv
+        if bn is None:  # fused by Ultralytics: conv with bias; for the shared conv, fold_fine_norm() ran first
+            scale = self.fine_kv_scale if self.kv_fine is None else None
+            shift = conv.bias if scale is None else conv.bias * scale + self.fine_kv_shift
+        elif bn.training or bn.running_mean is None:
+            return None
+        else:
+            shared = self.kv_fine is None
+            mean, var = (self.fine_kv_mean, self.fine_kv_var) if shared else (bn.running_mean, bn.running_var)
+            scale = bn.weight * (var + bn.eps).rsqrt()
+            shift = bn.bias - mean * scale
+        heads = (2, self.num_heads, self.head_dim)  # output channels: K then V, each grouped per head
+        return FineProjection(
+            x.flatten(2),  # (B, C, N)
+            conv.weight.view(*heads, -1),  # (2, h, d, C) from (2C, C, 1, 1)
+            None if scale is None else scale.view(heads),
+            shift.view(heads),
+        )
+
     def track_fine_statistics(self, x: torch.Tensor) -> None:
         """Update the fine-map BN statistics of the shared K/V conv from x (B, C, H, W); no gradient."""
         if self._tracks_fine_statistics():
@@ -165,13 +193,15 @@ class PSAttn(nn.Module):
         q = self.q(x).view(B, nh, d, H * W).transpose(-1, -2)  # (B, nh, N, d)
         kv = self.kv(up)  # (B, 2C, Hu, Wu)
         k, v = kv.view(B, 2, nh, d, Hu * Wu).transpose(-1, -2).unbind(1)  # (B, nh, M, d) each
-        k_fine = v_fine = None
-        if topk:
-            k_fine, v_fine = self.fine_keys_values(x).view(B, 2, nh, d, H * W).transpose(-1, -2).unbind(1)
+        k_fine = v_fine = projection = None
+        if topk:  # fine K/V of the selected tokens only where the BN statistics allow it, else of the whole map
+            projection = self.fine_projection(x)
+            if projection is None:
+                k_fine, v_fine = self.fine_keys_values(x).view(B, 2, nh, d, H * W).transpose(-1, -2).unbind(1)
         elif self.training and self.kv_fine is None:
             self.track_fine_statistics(x)
         out, out_fine = pyramid_sparse_attention_parts(
-            q, k, v, k_fine, v_fine, (H, W), (Hu, Wu), topk, self.threshold, self.backend
+            q, k, v, k_fine, v_fine, (H, W), (Hu, Wu), topk, self.threshold, self.backend, fine_projection=projection
         )  # (B, nh, N, d) each
         if out_fine is not None:
             if self.gate is not None:

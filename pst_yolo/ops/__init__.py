@@ -2,6 +2,7 @@
 
 from .backends import BACKENDS, attention, get_backend, resolve_backend, set_backend, use_backend
 from .pyramid_sparse_attention import (
+    FineProjection,
     coarse_attention_with_scores,
     coarse_key_scores,
     pyramid_sparse_attention,
@@ -11,6 +12,7 @@ from .pyramid_sparse_attention import (
 
 __all__ = (
     "BACKENDS",
+    "FineProjection",
     "attention",
     "coarse_attention_with_scores",
     "coarse_key_scores",

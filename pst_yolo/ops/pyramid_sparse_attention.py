@@ -7,6 +7,8 @@ children that fall outside an odd-sized fine map are masked out, never clamped.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -240,26 +242,68 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
 
 
-def sparse_fine_attention(
-    q: torch.Tensor,
-    k_fine: torch.Tensor,
-    v_fine: torch.Tensor,
-    index: torch.Tensor,
-    valid: torch.Tensor,
-    backend: str = "naive",
-) -> torch.Tensor:
-    """Eq. 4-5: attention of every query over the selected fine tokens; masked tokens get no weight.
+class FineProjection(NamedTuple):
+    """Eq. 4's 1x1 K/V projection and the fine map it projects, applied by the op to the selected tokens only.
+
+    The fine K/V of head h, token n are ``(weight[:, h] @ features[:, :, n]) * scale[:, h] + shift[:, h]`` (keys at
+    index 0, values at 1): a 1x1 conv (bias in ``shift``) followed by a BatchNorm in eval mode folded to an affine.
+
+    Attributes:
+        features: (B, C, N) fine-map features, the projection's input (N = H * W tokens, row-major).
+        weight: (2, h, d, C) projection weights: [0] keys, [1] values, output channels grouped per head.
+        scale: (2, h, d) factor per output channel, or None for 1.
+        shift: (2, h, d) offset per output channel, added last, or None for 0.
+    """
+
+    features: torch.Tensor
+    weight: torch.Tensor
+    scale: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+
+
+def selected_keys_values(projection: FineProjection, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fine K/V of the selected tokens only: each head's slice of the projection applied to that head's tokens.
+
+    Equals projecting the whole fine map and gathering the selected rows (``gather_tokens(k_fine, index)``) up to
+    fp32 rounding, at T / N of the projection's cost (T = 4k tokens per head instead of all N).
 
     Args:
-        q, k_fine, v_fine: (B, h, N, d).
-        index, valid: (B, h, T) from :func:`select_fine_tokens`.
+        projection: The fine map and the K/V projection (see :class:`FineProjection`).
+        index: (B, h, T) token indices into N, from :func:`select_fine_tokens`.
+
+    Returns:
+        k_sel, v_sel: (B, h, T, d) each (views of one (B, h, T, 2d) tensor, last dim contiguous).
+    """
+    x, weight = projection.features, projection.weight
+    B, C, _ = x.shape
+    _, h, T = index.shape
+    d = weight.shape[2]
+    tokens = x.gather(2, index.reshape(B, 1, h * T).expand(-1, C, -1))  # (B, C, h*T): each head's tokens in turn
+    tokens = tokens.view(B, C, h, T).permute(0, 2, 3, 1)  # (B, h, T, C)
+    kv = tokens @ weight.permute(1, 3, 0, 2).reshape(h, C, 2 * d)  # (B, h, T, 2d): keys then values
+    if projection.scale is not None:
+        kv = kv * projection.scale.permute(1, 0, 2).reshape(h, 1, 2 * d)
+    if projection.shift is not None:
+        kv = kv + projection.shift.permute(1, 0, 2).reshape(h, 1, 2 * d)
+    return kv[..., :d], kv[..., d:]
+
+
+def sparse_fine_attention(
+    q: torch.Tensor, k_sel: torch.Tensor, v_sel: torch.Tensor, valid: torch.Tensor, backend: str = "naive"
+) -> torch.Tensor:
+    """Eq. 5: attention of every query over the selected fine tokens; masked tokens get no weight.
+
+    Args:
+        q: (B, h, N, d) queries.
+        k_sel, v_sel: (B, h, T, d) keys/values of the selected fine tokens (:func:`gather_tokens` of the full-map
+            K/V, or :func:`selected_keys_values`).
+        valid: (B, h, T) from :func:`select_fine_tokens`.
         backend: ``naive`` runs an explicit softmax; any other name one SDPA call with an additive mask, which never
             holds the (B, h, N, T) logits.
 
     Returns:
         (B, h, N, d); zero for a (batch, head) where no token is valid.
     """
-    k_sel, v_sel = gather_tokens(k_fine, index), gather_tokens(v_fine, index)  # (B, h, T, d)
     bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(~valid, torch.finfo(q.dtype).min / 2)
     bias = bias.unsqueeze(2)  # (B, h, 1, T): the same mask for every query
     if backend == "naive":
@@ -287,13 +331,18 @@ def pyramid_sparse_attention_parts(
     threshold: float = 1e-6,
     backend: str | None = "auto",
     coarse_pass: str | None = None,
+    fine_projection: FineProjection | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """O_coarse and O_fine separately (eq. 2 and eq. 5); O_fine is None when topk is 0.
 
-    Arguments as in :func:`pyramid_sparse_attention`; k_fine/v_fine may be None when topk is 0.
+    Arguments as in :func:`pyramid_sparse_attention`; k_fine/v_fine may be None when topk is 0 or when
+    ``fine_projection`` is given: then only the selected tokens' fine K/V are computed (:func:`selected_keys_values`,
+    cast to q's dtype) instead of reading them from full-map k_fine/v_fine.
     """
     grids = None if is_exporting() else (fine_hw, coarse_hw)  # tensors and grids are checked in eager mode only
-    check_pyramid_attention_call("pyramid_sparse_attention", q, k, v, k_fine, v_fine, grids, topk, threshold)
+    check_pyramid_attention_call(
+        "pyramid_sparse_attention", q, k, v, k_fine, v_fine, grids, topk, threshold, fine_projection
+    )
     check_type(backend, "backend", (str, type(None)), "a backend name or None", "pyramid_sparse_attention")
     if not is_exporting():
         check_pyramid_shapes(fine_hw, coarse_hw)
@@ -305,7 +354,11 @@ def pyramid_sparse_attention_parts(
         return attention(q, k, v, backend)[0], None
     out_coarse, scores = coarse_attention_with_scores(q, k, v, backend, coarse_pass=coarse_pass)
     index, valid = select_fine_tokens(scores, fine_hw, coarse_hw, topk, threshold)
-    return out_coarse, sparse_fine_attention(q, k_fine, v_fine, index, valid, backend)
+    if fine_projection is None:
+        k_sel, v_sel = gather_tokens(k_fine, index), gather_tokens(v_fine, index)  # (B, h, T, d)
+    else:
+        k_sel, v_sel = (t.to(q.dtype) for t in selected_keys_values(fine_projection, index))
+    return out_coarse, sparse_fine_attention(q, k_sel, v_sel, valid, backend)
 
 
 def pyramid_sparse_attention(

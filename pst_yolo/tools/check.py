@@ -144,8 +144,10 @@ def check_backends(device, dtypes=None, backends=("naive", "sdpa", "flash", "sag
                 kv_len = case[1][0] * case[1][1]
                 if unusable_reason(backend, probe, False, kv_len) is not None:
                     refused = _refuses(backend, case, dtype, device)
-                    part.rows.append({"backend": backend, "dtype": str(dtype)[6:], "shape": f"keys {kv_len}",
-                                      "status": "refused as expected" if refused else "FAILED: not refused"})  # fmt: skip
+                    status = "refused as expected" if refused else "FAILED: not refused"
+                    part.rows.append(
+                        {"backend": backend, "dtype": str(dtype)[6:], "shape": f"keys {kv_len}", "status": status}
+                    )
                     part.status = part.status if refused else "failed"
                     continue
                 baseline = sage_kernel_error(case, dtype, device) if backend == "sage" else 0.0
@@ -204,6 +206,13 @@ def _ultralytics_device(device) -> str:
     return "cpu" if device.type == "cpu" else str(device.index or 0)
 
 
+def _precision(half: bool) -> dict:
+    """``half=`` for Ultralytics 8.3; ``quantize=16|None`` on 8.4, where ``half`` is deprecated (same meaning)."""
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
+    return {"quantize": 16 if half else None} if "quantize" in DEFAULT_CFG_DICT else {"half": half}
+
+
 def check_validation(args, device, data: Path, weights: Path) -> Part:
     from ultralytics import YOLO
 
@@ -216,8 +225,9 @@ def check_validation(args, device, data: Path, weights: Path) -> Part:
             model = YOLO(str(weights))
             set_topk(model.model, topk)
             metrics = model.val(
-                data=str(data), imgsz=args.imgsz, batch=args.batch, device=_ultralytics_device(device), half=half,
+                data=str(data), imgsz=args.imgsz, batch=args.batch, device=_ultralytics_device(device),
                 plots=False, project=str(args.out / "runs"), name=f"val-k{topk}-half{half}", exist_ok=True,
+                **_precision(half),
             )  # fmt: skip
             row = {"topk": topk, "half": half, "mAP50": float(metrics.box.map50), "mAP50-95": float(metrics.box.map)}
             part.rows.append(row)
@@ -293,7 +303,11 @@ def check_export(args, device, data: Path, weights: Path) -> Part:
             PSAttn.override_topk(topk)
             try:
                 path = YOLO(str(weights)).export(
-                    format=fmt, imgsz=args.imgsz, half=half, device=_ultralytics_device(device), batch=x.shape[0]
+                    format=fmt,
+                    imgsz=args.imgsz,
+                    device=_ultralytics_device(device),
+                    batch=x.shape[0],
+                    **_precision(half),
                 )
             finally:
                 PSAttn.override_topk(None)
