@@ -158,10 +158,12 @@ def plot_sweeps(results: list[dict], path: Path) -> Path:
             ax.fill_between(ks, maps.mean(0) - maps.std(0, ddof=1), maps.mean(0) + maps.std(0, ddof=1), alpha=0.15)
         for seed_maps in maps:
             ax.plot(ks, seed_maps, color=line.get_color(), lw=0.6, alpha=0.5)
-    for r in results:
-        if r["rows"][0]["k"] is None:
-            ax.axhline(100 * r["rows"][0]["mAP50-95"], color="grey", lw=0.6, ls="--")
-    ax.plot([], [], color="grey", lw=0.6, ls="--", label="stock model, one line per seed")
+    stock = [r for r in results if r["rows"][0]["k"] is None]
+    for r in stock:
+        ax.axhline(100 * r["rows"][0]["mAP50-95"], color="grey", lw=0.6, ls="--")
+    if stock:
+        names = ", ".join(sorted({r["model"] for r in stock}))
+        ax.plot([], [], color="grey", lw=0.6, ls="--", label=f"{names} (no top-k), one line per seed")
     ax.set_xlabel("top-k at validation (0 = coarse attention only)")
     ax.set_ylabel("mAP50-95 (%)")
     ax.legend(fontsize=8)

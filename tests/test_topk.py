@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import subprocess
@@ -174,3 +175,25 @@ def test_topk_end_to_end_with_stock_yolo_val(trained, tmp_path):
     stock = predictions(tmp_path / "stock")
     assert stock == predictions(by_k[summary["saved_k"]]["val_dir"])
     assert stock != predictions(by_k[other]["val_dir"])
+
+
+def test_accuracy_script_tables(tmp_path):
+    """scripts/accuracy.py's tables: mean ± sample std over seeds, per-seed differences, and the sweep against k=0."""
+    spec = importlib.util.spec_from_file_location("accuracy", Path(__file__).parents[1] / "scripts" / "accuracy.py")
+    accuracy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(accuracy)
+    args = accuracy.parse_args(["--models", "yolo12n.yaml", "yolo11n-pst.yaml", "--ks", "0", "8"])
+
+    def result(seed, model, maps):  # maps: {k: mAP50-95}
+        rows = [{"k": k, "mAP50": 2 * m, "mAP50-95": m, "inference_ms": 10.0} for k, m in maps.items()]
+        return {"seed": seed, "model": model, "train_s": 100.0, "rows": rows}
+
+    results = [
+        result(1, "yolo12n", {None: 0.10}), result(1, "yolo11n-pst", {0: 0.12, 8: 0.11}),
+        result(2, "yolo12n", {None: 0.20}), result(2, "yolo11n-pst", {0: 0.16, 8: 0.18}),
+    ]  # fmt: skip
+    lines = accuracy.tables(results, args).splitlines()
+    assert "| yolo12n | - | 30.0 ± 14.1 | 15.0 ± 7.1 | 10.0 / 20.0 | - | 100 |" in lines
+    assert "| yolo11n-pst | 0 | 28.0 ± 5.7 | 14.0 ± 2.8 | 12.0 / 16.0 | -1.0 ± 4.2, 1/2 > 0 | 100 |" in lines
+    assert "| yolo11n-pst | 8 | 29.0 ± 9.9 | 14.5 ± 4.9 | 0.5 ± 2.1 (1/2 > 0) | 10.0 |" in lines
+    assert accuracy.plot_sweeps(results, tmp_path / "a.png").stat().st_size > 10_000

@@ -29,7 +29,6 @@ from ..nn import PST, PSAttn, set_topk
 
 USAGE = __doc__.split("\n\n")[1]
 DEFAULT_KS = (0, 4, 8, 16, 32)
-OWN_KEYS = {"model", "ks", "save", "project", "name"}
 DETECTION_METRIC = "metrics/mAP50-95("  # results_dict keys of detection-family metrics: box (B), mask (M), pose (P)
 
 
@@ -91,9 +90,8 @@ def warm_up(yolo, imgsz: int | None, device: str | None, rounds: int = 2) -> Non
     import numpy as np
 
     size = imgsz or yolo.overrides.get("imgsz") or 640
-    blank = (
-        np.full((size, size, 3), 114, dtype=np.uint8) if isinstance(size, int) else np.full((*size, 3), 114, np.uint8)
-    )
+    height, width = (size, size) if isinstance(size, int) else size
+    blank = np.full((height, width, 3), 114, dtype=np.uint8)  # LetterBox's padding grey
     for _ in range(rounds):
         yolo.predict(blank, imgsz=size, device=device, verbose=False)
 
