@@ -22,6 +22,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ..validation import check_choice
+
 LOGGER = logging.getLogger("pst_yolo")
 BACKENDS = ("auto", "naive", "sdpa", "flash", "sage")
 SAGE_HEAD_DIMS = (64, 96, 128)
@@ -35,11 +37,9 @@ _fallbacks_logged: set[str] = set()
 _check_kernel_device = True  # False only inside kernels_on_any_device() (tests with stand-in packages)
 
 
-def _check_name(name: str) -> str:
-    name = name.lower()
-    if name not in BACKENDS:
-        raise ValueError(f"Unknown attention backend '{name}'; choose one of {', '.join(BACKENDS)}.")
-    return name
+def _check_name(name: object) -> str:
+    """A backend name from ``BACKENDS`` (any case), else TypeError/ValueError naming the choices."""
+    return check_choice(name, "attention backend", BACKENDS)
 
 
 def get_backend() -> str:
@@ -211,5 +211,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, r
         return _flash_attention(q, k, v, return_lse)
     if backend == "sage":
         return _sage_attention(q, k, v), None
+    if backend != "sdpa":
+        check_choice(backend, "backend", BACKENDS[1:], "attention")  # raises: a typo must not silently mean SDPA
     # The fused CPU/CUDA SDPA kernels need a contiguous last dimension, else they silently take the math path.
     return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous()), None

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..validation import argparse_type, check_int
+
 OFFLINE_ENV = {"YOLO_OFFLINE": "true", "YOLO_AUTOINSTALL": "false"}
 CONFIG_SUBDIR = "ultralytics-config"  # the demo's private YOLO_CONFIG_DIR inside --out
 TOPKS = (0, 8)  # fine attention off / on (paper Table 4a)
@@ -38,19 +40,24 @@ SEED_NOTE = (
 )
 
 
+def count(name: str, minimum: int = 1):
+    """argparse type: an integer >= ``minimum``; a bad value exits with a message naming the option."""
+    return argparse_type(check_int, name, minimum=minimum)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Command-line options of ``pst-yolo demo``."""
     p = argparse.ArgumentParser(prog="pst-yolo demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--epochs", type=int, default=15, help="training epochs for each model")
-    p.add_argument("--imgsz", type=int, default=128, help="image size (data are drawn at this size)")
-    p.add_argument("--train-images", type=int, default=300, help="number of training images")
-    p.add_argument("--val-images", type=int, default=60, help="number of validation images")
-    p.add_argument("--batch", type=int, default=8, help="batch size")
+    p.add_argument("--epochs", type=count("epochs"), default=15, help="training epochs for each model")
+    p.add_argument("--imgsz", type=count("imgsz", 32), default=128, help="image size (data are drawn at this size)")
+    p.add_argument("--train-images", type=count("train-images"), default=300, help="number of training images")
+    p.add_argument("--val-images", type=count("val-images"), default=60, help="number of validation images")
+    p.add_argument("--batch", type=count("batch"), default=8, help="batch size")
     p.add_argument("--model", default="yolo11n-pst.yaml", help="PST model YAML (authors' layout, on YOLO12)")
     p.add_argument("--baseline", default="yolo12n.yaml", help="stock Ultralytics model YAML to compare with")
     p.add_argument("--device", default="cpu", help="Ultralytics device: cpu, 0, 0,1 ...")
-    p.add_argument("--workers", type=int, default=0, help="dataloader workers (Ultralytics uses 0 on CPU)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the data and both trainings")
+    p.add_argument("--workers", type=count("workers", 0), default=0, help="dataloader workers (Ultralytics uses 0 on CPU)")
+    p.add_argument("--seed", type=count("seed", 0), default=0, help="seed for the data and both trainings")
     p.add_argument("--out", type=Path, default=Path("runs/pst-demo"), help="output folder (data, runs, summary)")
     return p.parse_args(argv)
 

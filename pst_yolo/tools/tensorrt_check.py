@@ -14,6 +14,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..validation import check_file
+
 MIN_OPSET, MAX_OPSET = 9, 20
 MAX_TOPK = 3840  # TopK: "K input must be less than 3840"
 ONNX_DOMAINS = ("", "ai.onnx")
@@ -153,6 +155,10 @@ def main(argv: list[str] | None = None) -> None:
     if not paths:
         raise SystemExit("usage: python -m pst_yolo.tools.tensorrt_check MODEL.onnx [...]")
     failed = False
+    try:
+        paths = [check_file(path, "model", "pst_yolo.tools.tensorrt_check", suffixes=(".onnx",)) for path in paths]
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
     for path in paths:
         problems = check_tensorrt_compatible(path)
         failed |= bool(problems)
