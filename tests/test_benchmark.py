@@ -68,6 +68,8 @@ def test_quick_run_writes_every_table(tmp_path):
     labels = {"yolo12n", "yolo11n-pst k=0", "yolo11n-pst k=8", "yolo11n-pst k=8 naive"}
     assert {r["model"] for r in saved["models"] if r["runtime"] == "pytorch"} == labels
     assert {r["model"] for r in saved["train"]} == {"yolo12n", "yolo11n-pst"}
+    for r in saved["train"]:  # the trainer's accumulate = round(nbs 64 / batch 2): one optimizer step per 32
+        assert r["accumulate"] == 32 and r["ms"] == pytest.approx(r["forward_backward_ms"] + r["optimizer_ms"] / 32)
     assert len(saved["targets"]) == len(results["targets"])
     assert saved["score_step"][0]["variant"] == "dense N x M softmax"
     report = (tmp_path / "bench.md").read_text()

@@ -183,10 +183,27 @@ def test_export_onnx_matches_torch_with_fine_attention(calibrated):
     session = ort.InferenceSession(str(checkpoint.with_suffix(".onnx")), providers=["CPUExecutionProvider"])
     exported = session.run(None, {session.get_inputs()[0].name: x[:1].numpy()})
     assert len(exported) == len(fine)
-    if task == "detect":
-        assert exported[0].shape == (1, 300, 6)  # end2end: [x1, y1, x2, y2, score, class] of the top 300
     for ours, theirs in zip(fine, exported):
         assert ours.shape == theirs.shape
+        if task == "detect":
+            assert_same_detections(ours[0], theirs[0])
+            continue
         error = float((np.abs(ours - theirs) / np.maximum(np.abs(ours), 1.0)).max())  # relative above 1 (pixels)
         print(f"\n[parity] {task} k=8 {ours.shape}: max error {error:.1e} (k=8 vs k=0: {moved:.1e})")
         np.testing.assert_allclose(theirs, ours, rtol=ATOL, atol=ATOL)
+
+
+def assert_same_detections(ours: np.ndarray, theirs: np.ndarray) -> None:
+    """End2end outputs (max_det, 6) [x1, y1, x2, y2, score, class] hold the same detections within ``ATOL``.
+
+    Top-k orders rows by score: where two scores agree to fp32 rounding, PyTorch and onnxruntime may order them (or,
+    at the 300th place, pick them) differently, so rows are matched as a set: the scores agree position by position,
+    and every PyTorch row clear of the selection boundary has an onnxruntime row equal to it within ``ATOL``.
+    """
+    assert ours.shape == theirs.shape == (300, 6)
+    np.testing.assert_allclose(theirs[:, 4], ours[:, 4], rtol=ATOL, atol=ATOL)
+    clear = ours[ours[:, 4] > ours[:, 4].min() + ATOL]
+    assert len(clear) > 200
+    errors = [(np.abs(theirs - row) / np.maximum(np.abs(row), 1.0)).max(1).min() for row in clear]
+    print(f"\n[parity] detect (end2end) k=8: {len(clear)} rows, max error {max(errors):.1e}")
+    assert max(errors) < ATOL

@@ -29,6 +29,10 @@ class PSAttn(nn.Module):
     ``torch.optim.swa_utils.update_bn`` sets), a restart after ``reset_running_stats()``, batch statistics
     (``track_running_stats=False``), and no update while the BN itself is in eval mode.
 
+    The fine K/V are computed for the selected tokens only: the op selects first, then applies each head's slice of
+    the projection and its BN (as an affine, :meth:`fine_projection`) to that head's 4k gathered tokens, not to all
+    H * W. Only where the BN normalises with batch statistics (training mode) is the whole fine map projected.
+
     Attributes:
         q (Conv): 1x1 conv + BN, fine map -> queries.
         kv (Conv): 1x1 conv + BN, shared K/V projection (channels: K then V, each grouped per head).
