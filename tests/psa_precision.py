@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+from test_export import IMAGES, letterboxed, wake_up
 from test_ops import reference_psa
 
 
@@ -65,3 +66,20 @@ def precision_errors(op_out, inputs, fine_hw, coarse_hw, topk, threshold=1e-6) -
     expected = reference_psa(*inputs, fine_hw, coarse_hw, topk, threshold)
     plain = plain_psa(*inputs, fine_hw, coarse_hw, topk, threshold)
     return (op_out.double() - expected).abs().max().item(), (plain.double() - expected).abs().max().item()
+
+
+def calibrated_yolo11n_pst(imgsz: int):
+    """YOLOv11-PST-N with BatchNorm calibrated on Ultralytics' two bundled images, and those images (2, 3, S, S)."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    x = torch.cat([letterboxed(name, (imgsz, imgsz)) for name in IMAGES])
+    model = DetectionModel("yolo11n-pst.yaml", verbose=False)
+    wake_up(model, x)
+    return model, x
+
+
+def output_difference(a: torch.Tensor, b: torch.Tensor, imgsz: int) -> float:
+    """Largest |a - b| of two raw detection outputs (B, 4 + nc, A), boxes in units of the input size."""
+    scale = torch.ones(a.shape[1], 1)
+    scale[:4] = imgsz
+    return ((a - b) / scale).abs().max().item()

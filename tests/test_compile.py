@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_export import IMAGES, letterboxed, wake_up
+from psa_precision import calibrated_yolo11n_pst, output_difference
 
 from pst_yolo import PSAttn, set_topk
 
@@ -25,20 +25,12 @@ FULL = pytest.mark.skipif(
 
 
 def difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest |a - b| of two raw detection outputs, boxes in units of the input size."""
-    scale = torch.ones(a.shape[1], 1)
-    scale[:4] = IMGSZ
-    return ((a - b) / scale).abs().max().item()
+    return output_difference(a, b, IMGSZ)
 
 
 @pytest.fixture(scope="module")
 def calibrated():
-    from ultralytics.nn.tasks import DetectionModel
-
-    x = torch.cat([letterboxed(name, (IMGSZ, IMGSZ)) for name in IMAGES])
-    model = DetectionModel("yolo11n-pst.yaml", verbose=False)
-    wake_up(model, x)
-    return model, x
+    return calibrated_yolo11n_pst(IMGSZ)
 
 
 def eager_and_compiled(model, x, whole_model: bool) -> dict:

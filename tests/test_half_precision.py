@@ -11,8 +11,7 @@ import importlib
 
 import pytest
 import torch
-from psa_precision import precision_errors, selected_sets, selection_change
-from test_export import IMAGES, letterboxed, wake_up
+from psa_precision import calibrated_yolo11n_pst, output_difference, precision_errors, selected_sets, selection_change
 from test_ops import SHAPES, random_inputs
 
 from pst_yolo import set_topk
@@ -79,20 +78,12 @@ def run_model(model, x, topk, monkeypatch, dtype=None, replay=None):
 
 
 def difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest |a - b| of two raw outputs, boxes in units of the input size (class scores are probabilities)."""
-    scale = torch.ones(a.shape[1], 1)
-    scale[:4] = IMGSZ
-    return ((a - b) / scale).abs().max().item()
+    return output_difference(a, b, IMGSZ)
 
 
 @pytest.fixture(scope="module")
 def calibrated_model():
-    from ultralytics.nn.tasks import DetectionModel
-
-    x = torch.cat([letterboxed(name, (IMGSZ, IMGSZ)) for name in IMAGES])
-    model = DetectionModel("yolo11n-pst.yaml", verbose=False)
-    wake_up(model, x)
-    return model, x
+    return calibrated_yolo11n_pst(IMGSZ)
 
 
 @pytest.mark.parametrize("dtype", HALF)
