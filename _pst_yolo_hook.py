@@ -20,16 +20,26 @@ class _ImportPluginAfterTasks(importlib.abc.MetaPathFinder):
 
     def __init__(self, import_plugin: bool = True):
         self.import_plugin = import_plugin
+        self.resolving = False  # re-entry guard: a second copy of this hook (another path) asks every finder too
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != TARGET:
+        if fullname != TARGET or self.resolving:
             return None
+        self.resolving = True
+        try:
+            return self._wrapped_spec(fullname, path, target)
+        finally:
+            self.resolving = False
+
+    def _wrapped_spec(self, fullname, path, target):
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None and spec.loader is not None:
                 exec_module = spec.loader.exec_module
+                if getattr(exec_module, "wrapped_by_pst_yolo_hook", False):
+                    return spec  # another copy of this hook already wrapped it
 
                 def exec_then_import_plugin(module, _exec=exec_module):
                     _exec(module)
@@ -38,6 +48,7 @@ class _ImportPluginAfterTasks(importlib.abc.MetaPathFinder):
                         return
                     import pst_yolo  # noqa: F401  (registers the PST modules into the parser)
 
+                exec_then_import_plugin.wrapped_by_pst_yolo_hook = True
                 spec.loader.exec_module = exec_then_import_plugin
                 return spec
         return None
