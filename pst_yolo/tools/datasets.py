@@ -19,7 +19,9 @@ Examples:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -148,17 +150,31 @@ def yolo_label_rows(boxes: list[tuple[int, np.ndarray]], size: int) -> list[str]
     return rows
 
 
-def write_split(root: Path, split: str, count: int, rng: np.random.Generator, alphas, classes, size, layout) -> None:
-    """Write ``count`` composed images and their label files under ``root/{images,labels}/split``."""
+def write_split(
+    root: Path, split: str, count: int, compose_labelled: Callable[[], tuple[np.ndarray, list[str]]]
+) -> None:
+    """Write ``count`` images from ``compose_labelled() -> (image, label rows)`` under ``root/{images,labels}/split``."""
     import cv2
 
     image_dir, label_dir = root / "images" / split, root / "labels" / split
     image_dir.mkdir(parents=True, exist_ok=True)
     label_dir.mkdir(parents=True, exist_ok=True)
     for n in range(count):
-        image, boxes = compose_image(rng, alphas, classes, size, layout)
+        image, rows = compose_labelled()
         cv2.imwrite(str(image_dir / f"{split}_{n:05d}.png"), image)
-        (label_dir / f"{split}_{n:05d}.txt").write_text("\n".join(yolo_label_rows(boxes, size)) + "\n")
+        (label_dir / f"{split}_{n:05d}.txt").write_text("\n".join(rows) + "\n")
+
+
+def write_train_val(root: Path, train_images: int, val_images: int, seed: int, compose_labelled: Callable) -> None:
+    """Write the train and val splits from disjoint digit scans (deterministic for ``seed``).
+
+    ``compose_labelled(rng, alphas, classes) -> (image, label rows)`` draws one image from the split's scans.
+    """
+    alphas, classes = load_digit_scans()
+    train_idx, val_idx = split_scans(len(alphas), seed)
+    rng = np.random.default_rng(seed)
+    for split, count, idx in (("train", train_images, train_idx), ("val", val_images, val_idx)):
+        write_split(root, split, count, partial(compose_labelled, rng, alphas[idx], classes[idx]))
 
 
 def write_yaml(path: Path, content: dict, header: str = "") -> Path:
@@ -197,12 +213,13 @@ def build_digits_detection(
     Returns:
         Path of the written ``data.yaml``.
     """
+
+    def compose_labelled(rng, alphas, classes):
+        image, boxes = compose_image(rng, alphas, classes, imgsz, layout)
+        return image, yolo_label_rows(boxes, imgsz)
+
     root = Path(root)
-    alphas, classes = load_digit_scans()
-    train_idx, val_idx = split_scans(len(alphas), seed)
-    rng = np.random.default_rng(seed)
-    write_split(root, "train", train_images, rng, alphas[train_idx], classes[train_idx], imgsz, layout)
-    write_split(root, "val", val_images, rng, alphas[val_idx], classes[val_idx], imgsz, layout)
+    write_train_val(root, train_images, val_images, seed, compose_labelled)
     return write_data_yaml(root)
 
 

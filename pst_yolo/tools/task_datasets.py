@@ -33,9 +33,8 @@ from .datasets import (
     MAX_BOX_OVERLAP,
     DigitLayout,
     box_iou,
-    load_digit_scans,
-    split_scans,
     textured_background,
+    write_train_val,
     write_yaml,
 )
 
@@ -194,20 +193,6 @@ def label_row(digit: PlacedDigit, task: str, size: int) -> str:
     return " ".join([str(digit.cls), *(f"{v:.6f}" for v in np.clip(points / size, 0.0, 1.0).ravel())])
 
 
-def write_task_split(root: Path, split: str, count: int, rng, alphas, classes, size, layout, task: str) -> None:
-    """Write ``count`` images and their ``task`` label files under ``root/{images,labels}/split``."""
-    import cv2
-
-    image_dir, label_dir = root / "images" / split, root / "labels" / split
-    image_dir.mkdir(parents=True, exist_ok=True)
-    label_dir.mkdir(parents=True, exist_ok=True)
-    for n in range(count):
-        image, digits = compose_task_image(rng, alphas, classes, size, layout, rotate=task == "obb")
-        cv2.imwrite(str(image_dir / f"{split}_{n:05d}.png"), image)
-        rows = [label_row(d, task, size) for d in digits]
-        (label_dir / f"{split}_{n:05d}.txt").write_text("\n".join(rows) + "\n")
-
-
 def build_digits_task(
     root: str | Path,
     task: str,
@@ -233,12 +218,13 @@ def build_digits_task(
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got '{task}'")
+
+    def compose_labelled(rng, alphas, classes):
+        image, digits = compose_task_image(rng, alphas, classes, imgsz, layout, rotate=task == "obb")
+        return image, [label_row(d, task, imgsz) for d in digits]
+
     root = Path(root)
-    alphas, classes = load_digit_scans()
-    train_idx, val_idx = split_scans(len(alphas), seed)
-    rng = np.random.default_rng(seed)
-    write_task_split(root, "train", train_images, rng, alphas[train_idx], classes[train_idx], imgsz, layout, task)
-    write_task_split(root, "val", val_images, rng, alphas[val_idx], classes[val_idx], imgsz, layout, task)
+    write_train_val(root, train_images, val_images, seed, compose_labelled)
     content = {"path": str(root.resolve()), "train": "images/train", "val": "images/val", "names": DIGIT_NAMES}
     if task == "pose":
         content |= {
