@@ -9,7 +9,6 @@ process-wide top-k override the ``pst-yolo ... topk=K`` CLI uses; references are
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
@@ -21,100 +20,33 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 from ultralytics import YOLO
-from ultralytics.data.augment import LetterBox
 from ultralytics.nn.modules import Detect
 from ultralytics.utils import ASSETS
 
-from pst_yolo import PSAttn, set_topk
+from pst_yolo import set_topk
 from pst_yolo.tools.tensorrt_check import check_tensorrt_compatible
+
+from export_helpers import (
+    IMAGES,
+    letterboxed,
+    max_abs_diff,
+    ort_output,
+    reference_model,
+    topk_override,
+    torch_output,
+    woken_checkpoint,
+)
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-IMAGES = ("bus.jpg", "zidane.jpg")
 IMGSZ = 320
 CLS_IMGSZ = 224
 ATOL = 1e-4  # fp32; detection boxes are compared in units of the input size (pixels / max(H, W))
 RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
 BIN = Path(sys.executable).parent
-
-
-def letterboxed(name: str, hw: tuple[int, int]) -> torch.Tensor:
-    """Ultralytics' bundled image ``name`` letterboxed to hw as predict does (no rect): (1, 3, H, W) RGB in [0, 1]."""
-    import cv2
-
-    image = LetterBox(hw, auto=False)(image=cv2.imread(str(ASSETS / name)))
-    return torch.from_numpy(image[..., ::-1].transpose(2, 0, 1).copy()).float()[None] / 255
-
-
-def wake_up(model: nn.Module, batch: torch.Tensor) -> None:
-    """Re-initialise every conv and calibrate every BatchNorm (and PSA fine-K/V statistics) on ``batch`` (B, 3, H, W).
-
-    BatchNorm gains are set to 0.3: with unit gains a random network calibrated this way amplifies fp32 rounding
-    about a thousandfold (fp32 and fp64 PyTorch differ by ~1e-3); at 0.3 they differ by ~1e-6, as for trained weights,
-    while the fine attention still moves the outputs by ~0.2. The detection head's class biases are zeroed so that
-    class scores spread around 0.5 instead of ~1e-4.
-    """
-    torch.manual_seed(0)
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            m.reset_parameters()
-    for m in norms:
-        m.reset_running_stats()
-        nn.init.constant_(m.weight, 0.3)
-        m.momentum = 1.0  # running statistics := statistics of this one batch
-    with torch.no_grad():
-        model.train()(batch)
-    for m in norms:
-        m.momentum = 0.03
-    for m in model.modules():
-        if isinstance(m, Detect):
-            for branch in m.cv3:
-                nn.init.zeros_(branch[-1].bias)
-    model.eval()
-
-
-@contextlib.contextmanager
-def topk_override(k: int | None):
-    """Force top-k ``k`` on every PSA module (what ``pst-yolo ... topk=K`` does) inside the block."""
-    PSAttn.override_topk(k)
-    try:
-        yield
-    finally:
-        PSAttn.override_topk(None)
-
-
-def reference_model(checkpoint: Path, k: int) -> nn.Module:
-    """The fused fp32 eval PyTorch model of ``checkpoint`` with top-k ``k``."""
-    model = YOLO(str(checkpoint)).model.float().fuse().eval()
-    set_topk(model, k)
-    return model
-
-
-def torch_output(model: nn.Module, x: torch.Tensor) -> np.ndarray:
-    with torch.no_grad():
-        y = model(x)
-    return (y[0] if isinstance(y, (list, tuple)) else y).numpy()
-
-
-def ort_output(path: str | Path, x: torch.Tensor) -> np.ndarray:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-
-
-def max_abs_diff(reference: np.ndarray, output: np.ndarray, task: str, size: int) -> float:
-    """Largest |difference|: detection boxes (first 4 rows) divided by the input size, class probabilities as logs."""
-    reference, output = reference.astype(np.float64), output.astype(np.float64)
-    if task == "classify":  # softmax over 1000 classes: probabilities ~1e-3, compare log-probabilities
-        reference, output = np.log(reference), np.log(output)
-    diff = np.abs(reference - output)
-    if task == "detect":
-        diff[:, :4] /= size
-    return float(diff.max())
 
 
 def assert_matches_torch(checkpoint: Path, k: int, x: torch.Tensor, exported: np.ndarray, task: str, label: str):
@@ -158,16 +90,9 @@ def detect_images() -> dict[tuple[int, int], torch.Tensor]:
     return {hw: torch.cat([letterboxed(n, hw) for n in IMAGES]) for hw in ((IMGSZ, IMGSZ), (352, 288))}
 
 
-def _woken_checkpoint(yaml_name: str, batch: torch.Tensor, path: Path) -> Path:
-    model = YOLO(yaml_name)
-    wake_up(model.model, batch)
-    model.save(str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def detect_pt(workdir, detect_images) -> Path:
-    return _woken_checkpoint("yolo11n-pst.yaml", detect_images[(IMGSZ, IMGSZ)], workdir / "yolo11n-pst.pt")
+    return woken_checkpoint("yolo11n-pst.yaml", detect_images[(IMGSZ, IMGSZ)], workdir / "yolo11n-pst.pt")
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +102,7 @@ def cls_batch() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def cls_pt(workdir, cls_batch) -> Path:
-    return _woken_checkpoint("yolo11n-cls-pst.yaml", cls_batch, workdir / "yolo11n-cls-pst.pt")
+    return woken_checkpoint("yolo11n-cls-pst.yaml", cls_batch, workdir / "yolo11n-cls-pst.pt")
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +128,41 @@ def test_fine_attention_changes_outputs(detect_pt, detect_images):
     coarse = torch_output(model, x)
     set_topk(model, 8)
     assert max_abs_diff(coarse, torch_output(model, x), "detect", IMGSZ) > 1e-2
+
+
+# Ops that some converter of Ultralytics' exporter lacks or mistranslates (docs/EXPORT.md, "Portable graph"):
+# x2paddle maps SDPA onto Paddle's (B, L, h, d) layout and has no unbind/any; CoreML has no new_ones and types //
+# as float; zeros_like without a dtype, masked_fill and where on a bool mask fail in x2paddle.
+NON_PORTABLE_OPS = {
+    "aten::scaled_dot_product_attention",
+    "aten::unbind",
+    "aten::new_ones",
+    "aten::any",
+    "aten::zeros_like",
+    "aten::floor_divide",
+    "aten::masked_fill",
+    "aten::where",
+}
+
+
+@pytest.mark.parametrize("k", [0, 8])
+def test_traced_graph_is_portable(detect_pt, detect_images, k):
+    """The TorchScript graph that every converter reads (Ultralytics traces the model for TorchScript, ncnn, CoreML
+    and PaddlePaddle) has no non-portable op from pst_yolo's code, selects with topk + one gather per module at
+    k > 0, and runs as eager."""
+    model = reference_model(detect_pt, k)
+    for m in model.modules():
+        if isinstance(m, Detect):
+            m.export = True  # as Ultralytics' exporter sets: one output tensor
+    x = detect_images[(IMGSZ, IMGSZ)][:1]
+    traced = torch.jit.trace(model, x, strict=False, check_trace=False)
+    nodes = list(traced.inlined_graph.nodes())
+    kinds = Counter(node.kind() for node in nodes)
+    ours = {node.kind() for node in nodes if "pst_yolo" in node.sourceRange()}  # stock blocks use // on shapes
+    assert ours and not NON_PORTABLE_OPS & ours, NON_PORTABLE_OPS & ours
+    assert (kinds["aten::topk"] > 0) == (k > 0), kinds["aten::topk"]
+    assert kinds["aten::gather"] == kinds["aten::topk"]  # one gather per module: the selected fine-map tokens
+    assert max_abs_diff(torch_output(model, x), torch_output(traced, x), "detect", IMGSZ) < 1e-5
 
 
 @pytest.mark.parametrize("k", [0, 8])

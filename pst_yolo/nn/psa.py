@@ -14,6 +14,15 @@ from ..validation import check_bool, check_choice, check_int, check_number, chec
 HEAD_DIM = 32
 
 
+def split_heads(kv: torch.Tensor, num_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 2C, H, W) K/V map (channels: K then V, each grouped per head) -> K and V, (B, nh, H * W, d) views each.
+
+    Indexing rather than ``unbind``, which some converters (x2paddle) lack.
+    """
+    heads = kv.view(kv.shape[0], 2, num_heads, head_dim, -1).transpose(-1, -2)  # (B, 2, nh, N, d)
+    return heads[:, 0], heads[:, 1]
+
+
 class PSAttn(nn.Module):
     """Cross-attention from a fine map to its upper (half-size) map, refined on the top-k upper tokens.
 
@@ -194,14 +203,16 @@ class PSAttn(nn.Module):
         Hu, Wu = up.shape[2:]
         nh, d = self.num_heads, self.head_dim
         topk = self.active_topk()
-        q = self.q(x).view(B, nh, d, H * W).transpose(-1, -2)  # (B, nh, N, d)
+        # Channels-last queries (last dim contiguous): what the SDPA kernels read without a copy, and the layout every
+        # converter reads right (LiteRT's converter drops the transpose of a channels-first 1-head q k^T).
+        q = self.q(x).permute(0, 2, 3, 1).reshape(B, H * W, nh, d).transpose(1, 2)  # (B, nh, N, d)
         kv = self.kv(up)  # (B, 2C, Hu, Wu)
-        k, v = kv.view(B, 2, nh, d, Hu * Wu).transpose(-1, -2).unbind(1)  # (B, nh, M, d) each
+        k, v = split_heads(kv, nh, d)  # (B, nh, M, d) each
         k_fine = v_fine = projection = None
         if topk:  # fine K/V of the selected tokens only where the BN statistics allow it, else of the whole map
             projection = self.fine_projection(x)
             if projection is None:
-                k_fine, v_fine = self.fine_keys_values(x).view(B, 2, nh, d, H * W).transpose(-1, -2).unbind(1)
+                k_fine, v_fine = split_heads(self.fine_keys_values(x), nh, d)
         elif self.training and self.kv_fine is None:
             self.track_fine_statistics(x)
         out, out_fine = pyramid_sparse_attention_parts(

@@ -3,8 +3,8 @@
 The default comes from the environment variable ``PST_ATTN_BACKEND`` (read once at import, ``auto`` when unset);
 :func:`set_backend` changes it and :func:`use_backend` changes it for a ``with`` block. ``auto`` picks the fastest
 usable kernel for the tensors at hand and falls back to SDPA with one log line; naming a backend that cannot run
-raises a ``RuntimeError`` that says why. While exporting (ONNX tracing, TorchScript, ``torch.compile``) ``auto``
-always means ``sdpa``, which exports as plain MatMul/Softmax.
+raises a ``RuntimeError`` that says why. Under ``torch.compile`` ``auto`` means ``sdpa``; while a graph is exported
+(:func:`is_exporting_graph`) every backend runs as plain MatMul + Softmax.
 
 ``flash`` and ``sage`` run only on CUDA tensors. The one exception is a seam offered on purpose for tests:
 inside :func:`kernels_on_any_device` the device (and GPU generation) checks are skipped, so the adapters below can run
@@ -86,6 +86,21 @@ def is_exporting() -> bool:
         or torch.jit.is_scripting()
         or torch.onnx.is_in_onnx_export()
         or torch.compiler.is_compiling()
+    )
+
+
+def is_exporting_graph() -> bool:
+    """True while a graph for another runtime is built: ONNX export, TorchScript tracing/scripting, ``torch.export``.
+
+    Unlike :func:`is_exporting`, false under ``torch.compile``, which keeps the fused kernels. Every converter of
+    Ultralytics' exporter (ONNX, OpenVINO, CoreML, PaddlePaddle, ncnn, LiteRT) reads such a graph, so in it attention
+    is plain MatMul + Softmax: no SDPA op for a converter to mistranslate (docs/EXPORT.md).
+    """
+    return (
+        torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or torch.onnx.is_in_onnx_export()
+        or torch.compiler.is_exporting()
     )
 
 
@@ -205,7 +220,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, r
     Returns:
         (out, lse): out (B, h, N, d) in q's dtype, lse as above or None.
     """
-    if backend == "naive":
+    if backend == "naive" or is_exporting_graph():
         return naive_attention(q, k, v), None
     if backend == "flash":
         return _flash_attention(q, k, v, return_lse)
@@ -213,5 +228,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, r
         return _sage_attention(q, k, v), None
     if backend != "sdpa":
         check_choice(backend, "backend", BACKENDS[1:], "attention")  # raises: a typo must not silently mean SDPA
-    # The fused CPU/CUDA SDPA kernels need a contiguous last dimension, else they silently take the math path.
-    return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous()), None
+    return F.scaled_dot_product_attention(*(last_dim_contiguous(t) for t in (q, k, v))), None
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dimension has stride 1, else a contiguous copy.
+
+    The fused CPU/CUDA SDPA kernels need a contiguous last dimension, else they silently take the math path; any
+    other layout of the leading dimensions they read through strides.
+    """
+    return t if t.stride(-1) == 1 else t.contiguous()

@@ -23,7 +23,15 @@ from ..validation import (
     check_tensor,
     check_type,
 )
-from .backends import BACKENDS, attention, is_exporting, naive_attention, resolve_backend
+from .backends import (
+    BACKENDS,
+    attention,
+    is_exporting,
+    is_exporting_graph,
+    last_dim_contiguous,
+    naive_attention,
+    resolve_backend,
+)
 
 DEFAULT_SCORE_CHUNK = 1 << 22  # elements of the (query chunk x M) probability block alive at once (16 MB in fp32)
 CPU_SCORE_CHUNK = 1 << 18  # on CPU a 1 MB fp32 block stays in a core's L2 cache: faster than bigger blocks
@@ -51,7 +59,9 @@ def _sum_over_queries(probs: torch.Tensor) -> torch.Tensor:
     other queries (docs/DESIGN.md, "Bad inputs and non-finite values"); next to the exp, ``nansum`` costs as ``sum``.
     """
     if is_exporting():  # ONNX Runtime runs ReduceSum over a middle axis ~10x slower than a ones-vector product
-        ones = probs.new_ones(probs.shape[:-2] + (1, probs.shape[-2]))  # (B, h, 1, rows)
+        # (B, h, 1, rows). full_like with an explicit dtype: x2paddle has no ones_like and needs the dtype, CoreML
+        # has no new_ones; every converter has full_like.
+        ones = torch.full_like(probs[..., 0], 1.0, dtype=probs.dtype).unsqueeze(-2)
         return (ones @ probs).squeeze(-2)
     return probs.nansum(dim=2)
 
@@ -226,19 +236,37 @@ def select_fine_tokens(
     if is_exporting():  # k = topk for every map size of a dynamic graph; the padding slots map outside, never valid
         scores, k = F.pad(scores, (0, topk), value=-1.0), topk
     top_scores, top_idx = scores.topk(k, dim=-1, largest=True, sorted=True)  # (B, h, k), deterministic
-    row = top_idx // wu
+    # floor_divide, not div(rounding_mode="floor"): x2paddle turns the latter into a true division (a float index,
+    # refused by Paddle), and aten::floor into Python's math.floor; both export to an integer ONNX Div.
+    row = torch.floor_divide(top_idx, wu)
     col = top_idx - row * wu  # not idx % wu: exports with dynamic shapes on every ONNX path
     offsets = torch.tensor([0, 0, 1, 1], device=scores.device), torch.tensor([0, 1, 0, 1], device=scores.device)
     fine_row = 2 * row.unsqueeze(-1) + offsets[0]  # (B, h, k, 4)
     fine_col = 2 * col.unsqueeze(-1) + offsets[1]
     inside = (fine_row < h) & (fine_col < w)
     valid = inside & (top_scores > threshold).unsqueeze(-1)
-    index = torch.where(inside, fine_row * w + fine_col, torch.zeros_like(fine_row))
+    # Masked children point at token 0. Arithmetic rather than where/zeros_like, and an explicit integer type: some
+    # converters (CoreML) type the result of // as float, which a gather index must not be; Paddle refuses int * bool.
+    index = ((fine_row * w + fine_col) * inside.to(fine_row.dtype)).to(torch.int64)
     return index.flatten(-2), valid.flatten(-2)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Export-time gather: x (B, N, C), index (B, T) -> (B, T, C) with ``out[b, t] = x[b, index[b, t]]``.
+
+    Indexes the flattened (B * N, C) rows (a plain Gather) instead of ``torch.gather``, whose x2paddle converter
+    builds its flat index by true division (a float index, which Paddle refuses); x2paddle has no index_select.
+    """
+    B, N, C = x.shape
+    first_rows = torch.arange(B, device=index.device).unsqueeze(-1) * N  # (B, 1)
+    return x.reshape(B * N, C)[(index + first_rows).flatten()].view(B, -1, C)
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Gather tokens along dim 2: x (B, h, N, d), index (B, h, T) -> (B, h, T, d)."""
+    if is_exporting_graph():
+        B, h, N, d = x.shape
+        return gather_rows(x.reshape(B * h, N, d), index.flatten(0, 1)).view(B, h, -1, d)
     return x.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
 
 
@@ -278,8 +306,11 @@ def selected_keys_values(projection: FineProjection, index: torch.Tensor) -> tup
     B, C, _ = x.shape
     _, h, T = index.shape
     d = weight.shape[2]
-    tokens = x.gather(2, index.reshape(B, 1, h * T).expand(-1, C, -1))  # (B, C, h*T): each head's tokens in turn
-    tokens = tokens.view(B, C, h, T).permute(0, 2, 3, 1)  # (B, h, T, C)
+    if is_exporting_graph():
+        tokens = gather_rows(x.transpose(1, 2), index.reshape(B, h * T)).view(B, h, T, C)
+    else:
+        tokens = x.gather(2, index.reshape(B, 1, h * T).expand(-1, C, -1))  # (B, C, h*T): each head's tokens in turn
+        tokens = tokens.view(B, C, h, T).permute(0, 2, 3, 1)  # (B, h, T, C)
     kv = tokens @ weight.permute(1, 3, 0, 2).reshape(h, C, 2 * d)  # (B, h, T, 2d): keys then values
     if projection.scale is not None:
         kv = kv * projection.scale.permute(1, 0, 2).reshape(h, 1, 2 * d)
@@ -304,13 +335,13 @@ def sparse_fine_attention(
     Returns:
         (B, h, N, d); zero for a (batch, head) where no token is valid.
     """
-    bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(~valid, torch.finfo(q.dtype).min / 2)
-    bias = bias.unsqueeze(2)  # (B, h, 1, T): the same mask for every query
-    if backend == "naive":
+    valid = valid.to(q.dtype)  # arithmetic on 0/1 rather than boolean ops (any, masked_fill): every converter has it
+    bias = ((1 - valid) * (torch.finfo(q.dtype).min / 2)).unsqueeze(2)  # (B, h, 1, T): the same mask for every query
+    if backend == "naive" or is_exporting_graph():
         out = naive_attention(q, k_sel, v_sel, bias)
     else:
-        out = F.scaled_dot_product_attention(q.contiguous(), k_sel, v_sel, attn_mask=bias)
-    any_valid = valid.any(dim=-1)[..., None, None].to(out.dtype)  # (B, h, 1, 1)
+        out = F.scaled_dot_product_attention(last_dim_contiguous(q), k_sel, v_sel, attn_mask=bias)
+    any_valid = valid.amax(dim=-1)[..., None, None]  # (B, h, 1, 1)
     return out.mul_(any_valid) if _may_overwrite(out) else out * any_valid
 
 
