@@ -1,4 +1,4 @@
-"""The only module that touches Ultralytics internals: YAML parsing of PST rows, fusing, safe loading.
+"""The only module that touches Ultralytics internals: YAML parsing of PST rows, fusing, safe loading, NCNN guard.
 
 ``register()`` (run by ``import pst_yolo``) wraps ``ultralytics.nn.tasks.parse_model``: a model YAML without PST rows
 goes straight to the stock parser. With PST rows, each row ``[[fine, upper], n, PST, [c2, mlp_ratio, e, k]]`` is
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import logging
 import re
 import zipfile
@@ -272,6 +273,33 @@ def check_yaml_with_plugin_configs(stock_check_yaml, file, *args, **kwargs):
     return str(shipped) if shipped else stock_check_yaml(file, *args, **kwargs)
 
 
+def refuse_fine_attention_for_ncnn(stock_torch2ncnn, model: nn.Module, *args, **kwargs):
+    """``torch2ncnn`` (Ultralytics' NCNN export) that refuses a model whose PSA modules would run the fine attention.
+
+    ncnn has no TopK, Gather or compare layer: pnnx drops those ops with a log line only, and the exported model
+    would silently run without the fine branch. The coarse-only model (top-k 0) exports and matches PyTorch.
+    """
+    active = [m.active_topk() for m in model.modules() if isinstance(m, PSAttn)]
+    if any(active):
+        raise ValueError(
+            f"NCNN export cannot carry PST's fine attention (top-k {max(active)} in {sum(k > 0 for k in active)} PSA "
+            "modules): ncnn has no TopK/Gather layers, so the exported model would silently run without it. Export "
+            "the coarse-only model (top-k 0) instead: `pst-yolo export model=... format=ncnn topk=0`, or "
+            "`pst_yolo.set_topk(yolo.model, 0)` before `yolo.export(format='ncnn')`."
+        )
+    return stock_torch2ncnn(model, *args, **kwargs)
+
+
+def _guard_ncnn_export() -> None:
+    """Wrap ``ultralytics.utils.export.ncnn.torch2ncnn`` (looked up at each export) with the top-k check."""
+    try:
+        ncnn_export = importlib.import_module("ultralytics.utils.export.ncnn")
+    except ImportError:  # Ultralytics < 8.4 exports NCNN inline: no hook point, no guard
+        return
+    stock = ncnn_export.torch2ncnn
+    ncnn_export.torch2ncnn = functools.wraps(stock)(functools.partial(refuse_fine_attention_for_ncnn, stock))
+
+
 def register() -> None:
     """Make Ultralytics build, fuse and safely load PST models. Idempotent."""
     if getattr(tasks.parse_model, "_pst_yolo", False):
@@ -294,5 +322,6 @@ def register() -> None:
     tasks.check_yaml = functools.wraps(tasks.check_yaml)(
         functools.partial(check_yaml_with_plugin_configs, tasks.check_yaml)
     )
+    _guard_ncnn_export()
     if hasattr(torch.serialization, "add_safe_globals"):
         torch.serialization.add_safe_globals(list(SAFE_GLOBALS))
