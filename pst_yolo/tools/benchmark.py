@@ -43,6 +43,7 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 SCORE_DENSE = "dense N x M softmax"
 SCORE_FUSED = "blocked fused pass (naive)"
 SCORE_SDPA = "sdpa backend (CPU: the fused blocked pass)"
+COARSE_PASS = "eq. 2+3 pass"  # op row: the coarse output and the exact eq. 3 scores, as the op runs them at k > 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -238,13 +239,16 @@ def usable_backends(names: list[str], device: torch.device, dtype: torch.dtype) 
 
 def bench_op(args, device, dtype, gemm: float) -> list[dict]:
     """Latency, peak memory and throughput of ``pyramid_sparse_attention`` per size, level, backend and top-k."""
-    from ..ops import attention, pyramid_sparse_attention
+    from ..ops import attention, coarse_attention_with_scores, pyramid_sparse_attention
 
     rows = []
     for imgsz in args.op_sizes:
         for shape in op_shapes(imgsz):
             (q, k, v, kf, vf), coarse_hw = psa_inputs(1, shape["heads"], shape["fine_hw"], device, dtype)
-            variants = {("bare sdpa", None): lambda: attention(q, k, v, "sdpa")}
+            variants = {
+                ("bare sdpa", None): lambda: attention(q, k, v, "sdpa"),
+                (COARSE_PASS, None): lambda: coarse_attention_with_scores(q, k, v, "sdpa"),
+            }
             for backend in usable_backends(args.backends, device, dtype):
                 if backend == "naive" and imgsz > args.naive_max_size:
                     continue
@@ -500,8 +504,37 @@ def target(name: str, value: float | None, sign: str | None = None, limit: float
     return {"name": name, "value": value, "target": None if limit is None else f"{sign} {limit}", "met": met}
 
 
+def model_flops(names: tuple[str, ...], imgsz: int) -> dict[str, float]:
+    """GFLOPs of one (1, 3, imgsz, imgsz) forward of each model at top-k 0, attention matmuls included."""
+    from ..nn import set_topk
+    from .model_sizes import all_flops
+
+    flops = {}
+    for name in names:
+        model = build_model(name, torch.device("cpu"))
+        set_topk(model, 0)
+        flops[name] = all_flops(model, imgsz) / 1e9
+    return flops
+
+
+def fine_attention_bound(op: list[dict], model_k0_ms: float | None, imgsz: int) -> float | None:
+    """Lowest k>0 / k=0 model latency ratio an exact eq. 3 allows with the op's score pass.
+
+    At k > 0 each PSA layer (P3 and P4 of an N-scale model at ``imgsz``) runs the eq. 2+3 pass instead of the bare
+    SDPA call: 1 + sum of (pass - bare SDPA) over the layers / the model's k=0 latency. What the fine attention
+    itself adds (selection, gather, the attention over 4k tokens) comes on top.
+    """
+    extra = 0.0
+    for level in ("P3", "P4"):
+        bare, coarse = (find(op, imgsz=imgsz, level=level, backend=b) for b in ("bare sdpa", COARSE_PASS))
+        if bare is None or coarse is None or model_k0_ms is None:
+            return None
+        extra += coarse["ms"] - bare["ms"]
+    return 1 + extra / model_k0_ms
+
+
 def targets(results: dict, model_topk: int) -> list[dict]:
-    """The project's performance targets and diagnostics as ratios of this run's numbers."""
+    """The project's performance targets, their bounds and diagnostics as ratios of this run's numbers."""
     op, train, score = results["op"], results["train"], results["score_step"]
     sdpa_k0, sdpa_k8, naive_k8 = (
         find(op, imgsz=TARGET_SHAPE[0], level=TARGET_SHAPE[1], backend=b, topk=k)
@@ -516,7 +549,24 @@ def targets(results: dict, model_topk: int) -> list[dict]:
         return ratio(row(label), row(baseline), "ms")
 
     pst, k, mb = "yolo11n-pst", model_topk, "peak_mb"
-    return [
+    flops = results.get("flops", {})
+    pst_k0 = find(results["models"], runtime="pytorch", model=f"{pst} k=0", batch=1)
+    bound_rows = [
+        target(
+            "bound of the k=0 / YOLO12n ratio: FLOPs YOLO11n-PST / YOLO12n (attention included, equal efficiency)",
+            flops[pst] / flops["yolo12n"] if {pst, "yolo12n"} <= set(flops) else None,
+        ),
+        target(
+            "bound of the fine-attention ratio: 1 + (eq. 2+3 pass - bare SDPA) at P3 and P4 / k=0 model (PyTorch)",
+            fine_attention_bound(results["op"], pst_k0 and pst_k0["ms"], results["imgsz"]),
+        ),
+        target(
+            "PSA op 80x80/40x40: eq. 2+3 pass / bare SDPA latency",
+            ratio(find(op, imgsz=TARGET_SHAPE[0], level=TARGET_SHAPE[1], backend=COARSE_PASS), find(
+                op, imgsz=TARGET_SHAPE[0], level=TARGET_SHAPE[1], backend="bare sdpa"), "ms"),
+        ),
+    ]  # fmt: skip
+    return bound_rows + [
         target(
             "YOLO11n-PST k=0 / YOLO12n latency (PyTorch, batch 1)",
             model_ratio(f"{pst} k=0", "yolo12n"),
@@ -631,7 +681,7 @@ def plot(results: dict, path: Path) -> Path:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     for imgsz in sorted({r["imgsz"] for r in results["op"]}):
-        for backend in sorted({r["backend"] for r in results["op"]} - {"bare sdpa"}):
+        for backend in sorted({r["backend"] for r in results["op"]} - {"bare sdpa", COARSE_PASS}):
             rows = [r for r in results["op"] if r["imgsz"] == imgsz and r["level"] == "P3" and r["backend"] == backend]
             if rows:
                 left.plot([r["topk"] for r in rows], [r["ms"] for r in rows], marker="o", label=f"{backend} {imgsz}")
@@ -669,6 +719,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_onnx and importlib.util.find_spec("onnxruntime") is not None:
         results["models"] += bench_models_onnx(args, variants)
     results["train"] = bench_train(args, device)
+    results["flops"] = model_flops(tuple(name for name in ("yolo12n", "yolo11n-pst") if name in args.models), args.imgsz)
     results["targets"] = targets(results, args.model_topk)
     for t in results["targets"]:
         value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
