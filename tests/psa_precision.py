@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
-from test_export import IMAGES, letterboxed, wake_up
+from export_helpers import IMAGES, calibrate_random_weights, letterboxed
 from test_ops import reference_psa
 
 
@@ -74,7 +74,7 @@ def calibrated_yolo11n_pst(imgsz: int):
 
     x = torch.cat([letterboxed(name, (imgsz, imgsz)) for name in IMAGES])
     model = DetectionModel("yolo11n-pst.yaml", verbose=False)
-    wake_up(model, x)
+    calibrate_random_weights(model, x)
     return model, x
 
 

@@ -20,24 +20,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from ultralytics import YOLO
-from ultralytics.nn.modules import Detect
-from ultralytics.utils import ASSETS
-
-from pst_yolo import set_topk
-from pst_yolo.tools.tensorrt_check import check_tensorrt_compatible
-
 from export_helpers import (
     IMAGES,
+    calibrated_checkpoint,
     letterboxed,
     max_abs_diff,
     ort_output,
     reference_model,
     topk_override,
     torch_output,
-    woken_checkpoint,
 )
+from ultralytics import YOLO
+from ultralytics.nn.modules import Detect
+from ultralytics.utils import ASSETS
+
+from pst_yolo import set_topk
+from pst_yolo.tools.tensorrt_check import check_tensorrt_compatible
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -92,7 +90,7 @@ def detect_images() -> dict[tuple[int, int], torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def detect_pt(workdir, detect_images) -> Path:
-    return woken_checkpoint("yolo11n-pst.yaml", detect_images[(IMGSZ, IMGSZ)], workdir / "yolo11n-pst.pt")
+    return calibrated_checkpoint("yolo11n-pst.yaml", detect_images[(IMGSZ, IMGSZ)], workdir / "yolo11n-pst.pt")
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +100,7 @@ def cls_batch() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def cls_pt(workdir, cls_batch) -> Path:
-    return woken_checkpoint("yolo11n-cls-pst.yaml", cls_batch, workdir / "yolo11n-cls-pst.pt")
+    return calibrated_checkpoint("yolo11n-cls-pst.yaml", cls_batch, workdir / "yolo11n-cls-pst.pt")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 own runtime (fp32) against PyTorch, then through Ultralytics' predictor; and NCNN's refusal of the fine attention.
 
 The model is the shipped ``yolo11n-pst.yaml`` with BN statistics calibrated on the two bundled images
-(:func:`export_helpers.woken_checkpoint`), so that the fine attention moves the outputs visibly: every k=8 export
+(:func:`export_helpers.calibrated_checkpoint`), so that the fine attention moves the outputs visibly: every k=8 export
 is checked against PyTorch at k=8 within ``ATOL`` *and* to differ from PyTorch at k=0 by more than ``VISIBLE``, so an
 export that dropped the fine branch fails. ONNX itself is covered by tests/test_export.py. Each format's packages
 come with the ``export`` extra; a test whose package is missing is skipped and says which.
@@ -22,12 +22,12 @@ import pytest
 import torch
 from export_helpers import (
     IMAGES,
+    calibrated_checkpoint,
     letterboxed,
     max_abs_diff,
     reference_model,
     topk_override,
     torch_output,
-    woken_checkpoint,
 )
 from ultralytics import YOLO
 from ultralytics.utils import ASSETS
@@ -139,7 +139,7 @@ def image() -> torch.Tensor:
 @pytest.fixture(scope="module")
 def checkpoint(workdir) -> Path:
     batch = torch.cat([letterboxed(name, (IMGSZ, IMGSZ)) for name in IMAGES])
-    return woken_checkpoint("yolo11n-pst.yaml", batch, workdir / "yolo11n-pst.pt")
+    return calibrated_checkpoint("yolo11n-pst.yaml", batch, workdir / "yolo11n-pst.pt")
 
 
 @pytest.fixture(scope="module")

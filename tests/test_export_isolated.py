@@ -24,18 +24,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from ultralytics import YOLO
-
 from export_helpers import (
     IMAGES,
+    calibrated_checkpoint,
     letterboxed,
     max_abs_diff,
     reference_model,
     topk_override,
     torch_output,
-    woken_checkpoint,
 )
+from ultralytics import YOLO
 
 pytestmark = pytest.mark.isolated_export
 
@@ -90,7 +88,7 @@ def images() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def checkpoint(workdir, images) -> Path:
-    return woken_checkpoint("yolo11n-pst.yaml", images, workdir / "yolo11n-pst.pt")
+    return calibrated_checkpoint("yolo11n-pst.yaml", images, workdir / "yolo11n-pst.pt")
 
 
 @pytest.fixture(scope="module")

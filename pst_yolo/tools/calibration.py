@@ -1,0 +1,67 @@
+"""Random weights that let the fine attention act: for export and precision checks without a trained checkpoint.
+
+A random-init model in eval mode hides the fine branch: BatchNorm running statistics at init shrink deep features to
+~1e-7, so top-k 8 and top-k 0 outputs differ by ~1e-7 and a dropped fine branch would pass any parity check.
+:func:`calibrate_random_weights` re-initialises the convs and sets every BatchNorm's statistics (the PSA fine K/V
+statistics too) to those of a given batch, after which the fine attention moves detection outputs by ~0.1-0.2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+BUNDLED_IMAGES = ("bus.jpg", "zidane.jpg")  # Ultralytics' own assets: no download
+
+
+def letterboxed(name: str, hw: tuple[int, int]) -> torch.Tensor:
+    """Ultralytics' bundled image ``name`` letterboxed to hw as predict does (no rect): (1, 3, H, W) RGB in [0, 1]."""
+    import cv2
+    from ultralytics.data.augment import LetterBox
+    from ultralytics.utils import ASSETS
+
+    image = LetterBox(hw, auto=False)(image=cv2.imread(str(ASSETS / name)))
+    return torch.from_numpy(image[..., ::-1].transpose(2, 0, 1).copy()).float()[None] / 255
+
+
+def calibrate_random_weights(model: nn.Module, batch: torch.Tensor) -> None:
+    """Re-initialise every conv and calibrate every BatchNorm (and PSA fine-K/V statistics) on ``batch`` (B, 3, H, W).
+
+    One train-mode forward with momentum 1 sets the running statistics to this batch's. BatchNorm gains are set to
+    0.3: with unit gains a random network calibrated this way amplifies fp32 rounding about a thousandfold (fp32 and
+    fp64 PyTorch differ by ~1e-3); at 0.3 they differ by ~1e-6, as for trained weights, while the fine attention still
+    moves the outputs by ~0.2. The detection head's class biases are zeroed so that class scores spread around 0.5
+    instead of ~1e-4. Leaves the model in eval mode.
+    """
+    from ultralytics.nn.modules import Detect
+
+    torch.manual_seed(0)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.reset_parameters()
+    for m in norms:
+        m.reset_running_stats()
+        nn.init.constant_(m.weight, 0.3)
+        m.momentum = 1.0  # running statistics := statistics of this one batch
+    with torch.no_grad():
+        model.train()(batch)
+    for m in norms:
+        m.momentum = 0.03
+    for m in model.modules():
+        if isinstance(m, Detect):
+            for branch in m.cv3:
+                nn.init.zeros_(branch[-1].bias)
+    model.eval()
+
+
+def calibrated_checkpoint(yaml_name: str, batch: torch.Tensor, path: str | Path) -> Path:
+    """Build ``yaml_name``, calibrate it on ``batch`` (:func:`calibrate_random_weights`), save with ``YOLO.save``."""
+    from ultralytics import YOLO
+
+    yolo = YOLO(yaml_name)
+    calibrate_random_weights(yolo.model, batch)
+    yolo.save(str(path))
+    return Path(path)
