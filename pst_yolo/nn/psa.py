@@ -53,7 +53,7 @@ class PSAttn(nn.Module):
 
     Examples:
         >>> attn = PSAttn(64, num_heads=2).eval()
-        >>> attn(torch.randn(1, 64, 13, 13), torch.randn(1, 64, 7, 7)).shape
+        >>> attn(torch.ones(1, 64, 13, 13), torch.ones(1, 64, 7, 7)).shape
         torch.Size([1, 64, 13, 13])
     """
 

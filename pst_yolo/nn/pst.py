@@ -16,7 +16,7 @@ class PSAttnBlock(nn.Module):
 
     Examples:
         >>> block = PSAttnBlock(64, num_heads=2).eval()
-        >>> block(torch.randn(2, 64, 10, 6), torch.randn(2, 64, 5, 3)).shape
+        >>> block(torch.ones(2, 64, 10, 6), torch.ones(2, 64, 5, 3)).shape
         torch.Size([2, 64, 10, 6])
     """
 
@@ -62,7 +62,7 @@ class PST(nn.Module):
 
     Examples:
         >>> pst = PST(128, 256, 128).eval()
-        >>> pst([torch.randn(1, 128, 40, 40), torch.randn(1, 256, 20, 20)]).shape
+        >>> pst([torch.ones(1, 128, 40, 40), torch.ones(1, 256, 20, 20)]).shape
         torch.Size([1, 128, 40, 40])
     """
 

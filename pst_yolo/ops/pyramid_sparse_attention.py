@@ -423,8 +423,8 @@ def pyramid_sparse_attention(
         (B, h, N, d) attention output.
 
     Examples:
-        >>> q = k_fine = v_fine = torch.randn(2, 4, 13 * 13, 32)
-        >>> k = v = torch.randn(2, 4, 7 * 7, 32)
+        >>> q = k_fine = v_fine = torch.ones(2, 4, 13 * 13, 32)
+        >>> k = v = torch.ones(2, 4, 7 * 7, 32)
         >>> pyramid_sparse_attention(q, k, v, k_fine, v_fine, (13, 13), (7, 7)).shape
         torch.Size([2, 4, 169, 32])
     """
