@@ -12,7 +12,12 @@ import torch
 from test_ops import SHAPES, random_inputs, reference_psa
 
 from pst_yolo.ops import coarse_attention_with_scores, coarse_key_scores, pyramid_sparse_attention
-from pst_yolo.ops.pyramid_sparse_attention import COARSE_PASSES, default_coarse_pass
+from pst_yolo.ops.pyramid_sparse_attention import (
+    COARSE_PASSES,
+    _block_workspace,
+    blocked_attention_with_scores,
+    default_coarse_pass,
+)
 
 
 def reference_scores(q, k) -> torch.Tensor:
@@ -81,6 +86,20 @@ def test_kernel_pass_gradients_match_fused():
         grads[coarse_pass] = [t.grad for t in inputs]
     for fused, kernel in zip(grads["fused"], grads["kernel"]):
         torch.testing.assert_close(kernel, fused, atol=1e-5, rtol=1e-5)
+
+
+def test_blocks_reuse_one_workspace_without_autograd():
+    """Without autograd the fused pass writes every block into one workspace; it equals the recorded blocks exactly."""
+    q, k, v, *_ = random_inputs(2, 3, (13, 11), (7, 6))
+    chunk = 2 * 3 * 42 * 5  # 5 query rows per block: 28 full blocks and a last one of 3 rows
+    with torch.no_grad():
+        assert _block_workspace(q, k.transpose(-2, -1), 5).shape == (2, chunk)
+        reused = blocked_attention_with_scores(q, k, v, chunk)
+    q.requires_grad_()
+    assert _block_workspace(q, k.transpose(-2, -1), 5) is None  # autograd keeps each block's probabilities
+    recorded = blocked_attention_with_scores(q, k, v, chunk)
+    for a, b in zip(reused, recorded):
+        torch.testing.assert_close(a, b.detach(), atol=0, rtol=0)
 
 
 def test_default_pass_per_device():
