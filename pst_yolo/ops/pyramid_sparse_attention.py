@@ -146,18 +146,19 @@ def blocked_attention_with_scores(
 
 
 def _block_workspace(q: torch.Tensor, k_t: torch.Tensor, rows: int) -> torch.Tensor | None:
-    """Logits and probabilities buffers, (2, B * h * rows * M), that every query block of one pass reuses.
+    """One (B * h * rows * M) buffer that every query block of one pass reuses for its logits, then probabilities.
 
     A fresh block of this size (1 MB on CPU) is above glibc's mmap threshold: it is mapped on allocation and unmapped
-    when freed, so each block would pay its page faults again (the 640 px P3 pass measured 89-131 ms with fresh
-    blocks, 81-85 ms without the faults: scripts/score_pass_spread.py). None where the blocks must stay alive or be
+    when freed, so each block would pay its page faults again, and a separate softmax output doubles the memory each
+    block streams through. Measured at 640 px P3 with one thread (docs/BENCHMARKS.md): 1.57x one bare SDPA call with
+    fresh logits and probabilities per block, 1.43x with this buffer. None where the blocks must stay alive or be
     cast: while autograd records them (backward needs each block's probabilities) or under autocast.
     """
     records = torch.is_grad_enabled() and (q.requires_grad or k_t.requires_grad)
     if records or torch.is_autocast_enabled(q.device.type):
         return None
     B, h, _, M = k_t.shape
-    return q.new_empty(2, B * h * rows * M, dtype=torch.result_type(q, k_t))
+    return q.new_empty(B * h * rows * M, dtype=torch.result_type(q, k_t))
 
 
 def _attention_block(
@@ -165,14 +166,14 @@ def _attention_block(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Output rows (B, h, rows, d) and probabilities summed over the block's queries (B, h, M) of one query block.
 
-    With ``workspace`` (from :func:`_block_workspace`) the logits and probabilities are written into it.
+    With ``workspace`` (from :func:`_block_workspace`) the logits are written into it and softmax-ed in place.
     """
     if workspace is None:
         probs = (q_block @ k_t).softmax(dim=-1)  # (B, h, rows, M)
     else:
         shape = q_block.shape[:-1] + k_t.shape[-1:]  # (B, h, rows, M); the last block may have fewer rows
-        logits, probs = (buffer[: shape.numel()].view(shape) for buffer in workspace)
-        torch.softmax(torch.matmul(q_block, k_t, out=logits), dim=-1, out=probs)
+        probs = workspace[: shape.numel()].view(shape)
+        torch.softmax(torch.matmul(q_block, k_t, out=probs), dim=-1, out=probs)
     return probs @ v, _sum_over_queries(probs.detach().float())
 
 

@@ -417,8 +417,10 @@ def random_detection_batch(batch: int, imgsz: int, device, boxes_per_image: int 
     }
 
 
-def training_iteration(name: str, batch: dict, device, accumulate: int) -> tuple[Callable, Callable]:
-    """The two parts of an Ultralytics 8.4 detection training iteration of an untrained ``name`` model.
+def training_iteration(
+    name: str, batch: dict, device, accumulate: int
+) -> tuple[torch.nn.Module, Callable, Callable]:
+    """An untrained ``name`` model and the two parts of an Ultralytics 8.4 detection training iteration of it.
 
     ``forward_backward`` runs every iteration, as ``BaseTrainer._do_train`` does: the batch as
     ``DetectionTrainer.preprocess_batch`` leaves it (uint8 images / 255), ``model(batch)`` (forward and
@@ -459,7 +461,7 @@ def training_iteration(name: str, batch: dict, device, accumulate: int) -> tuple
         optimizer.zero_grad()
         ema.update(model)
 
-    return forward_backward, optimizer_step
+    return model, forward_backward, optimizer_step
 
 
 def bench_train(args, device) -> list[dict]:
@@ -473,7 +475,7 @@ def bench_train(args, device) -> list[dict]:
     batch = random_detection_batch(batch_size, args.train_imgsz, device)
     calls = {}
     for name in names:
-        calls[f"{name} forward+backward"], calls[f"{name} optimizer"] = training_iteration(
+        _, calls[f"{name} forward+backward"], calls[f"{name} optimizer"] = training_iteration(
             name, batch, device, accumulate
         )
     ms = time_round_robin(calls, args.train_steps, 1, device, args.clock)
