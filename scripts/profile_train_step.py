@@ -78,7 +78,7 @@ def profile_model(name: str, batch: dict, iterations: int) -> tuple[dict, dict]:
             per_layer[ACCUMULATE if accumulate else owner.get(event.sequence_nr, LOSS)][1] += ms
     loss_forward = _loss_forward_ms(events, layer_names, iterations)
     per_layer[LOSS][0] += loss_forward
-    ops = {e.key: e.self_cpu_time_total / 1e3 / iterations for e in prof.key_averages() if e.key not in layer_names}
+    ops = {e.key: e.self_cpu_time_total / 1e3 / iterations for e in prof.key_averages() if e.key.startswith("aten::")}
     return dict(per_layer), ops
 
 
@@ -99,6 +99,7 @@ def _loss_forward_ms(events, layer_names: set[str], iterations: int) -> float:
 
 def layer_table(stock: dict, pst: dict) -> list[tuple]:
     """Rows (layer index, stock name, stock fwd, bwd, PST name, PST fwd, bwd, difference of the sums)."""
+
     def by_index(table):
         return {(k.split()[0] if k[0].isdigit() else k): (k, *v) for k, v in table.items()}
 
@@ -142,8 +143,10 @@ def main() -> None:
     names = sorted(set(stock_ops) | set(pst_ops), key=lambda k: pst_ops.get(k, 0) - stock_ops.get(k, 0))
     names = names[-args.ops :][::-1] + names[: args.ops // 2]
     ops = [(k, stock_ops.get(k, 0.0), pst_ops.get(k, 0.0)) for k in names]
-    header = (f"Training iteration (forward + loss + backward) per layer, batch {args.batch}, {args.imgsz} px, "
-              f"{args.threads} thread(s), mean of {args.iterations} profiled iterations, torch.profiler CPU time")  # fmt: skip
+    header = (
+        f"Training iteration (forward + loss + backward) per layer, batch {args.batch}, {args.imgsz} px, "
+        f"{args.threads} thread(s), mean of {args.iterations} profiled iterations, torch.profiler CPU time"
+    )
     text = markdown(layer_table(stock_layers, pst_layers), ops, header)
     print(text)
     if args.markdown:

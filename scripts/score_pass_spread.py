@@ -4,9 +4,11 @@ Each run is a fresh process that times, at 640 px and batch 1 with one thread (p
 interleaved rounds), the bare SDPA call, the blocked eq. 2+3 pass and the whole op at top-k 8, at P3 (80x80 over
 40x40, 1 head) and P4 (40x40 over 20x20, 2 heads). ``--large-mmap-threshold`` runs the same processes with glibc's
 mmap threshold raised, so that the 1 MB probability blocks are no longer fresh, zero-filled mmaps.
+``--block-exponents`` adds the pass with blocks of 2^e elements (the default block is 2^18 on CPU).
 
     python scripts/score_pass_spread.py --runs 3
     python scripts/score_pass_spread.py --runs 3 --large-mmap-threshold
+    python scripts/score_pass_spread.py --runs 1 --block-exponents 15 16 17 18 19
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "268435456", "MALLOC_TRIM_THRESHOLD_": "
 LEVELS = (("P3", 80, 1), ("P4", 40, 2))  # name, fine side, heads (head dim 32)
 
 
-def measure(rounds: int) -> dict[str, float]:
+def measure(rounds: int, block_exponents: list[int]) -> dict[str, float]:
     """Median ms (process CPU time) per variant and level in this process."""
     import torch
     import torch.nn.functional as F
@@ -42,6 +44,8 @@ def measure(rounds: int) -> dict[str, float]:
             f"{level} eq. 2+3 pass": lambda: coarse_attention_with_scores(q, k, v, "sdpa"),
             f"{level} op k=8": lambda: pyramid_sparse_attention(q, k, v, kf, vf, (side, side), (up, up), 8, 1e-6, "sdpa"),
         }  # fmt: skip
+        for e in block_exponents:
+            calls[f"{level} pass 2^{e} blocks"] = lambda e=e: coarse_attention_with_scores(q, k, v, "sdpa", 1 << e)
         times = {name: [] for name in calls}
         with torch.inference_mode():
             for _ in range(rounds):
@@ -58,19 +62,21 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="fresh processes")
     parser.add_argument("--rounds", type=int, default=25, help="interleaved rounds per process (3 warm-up)")
     parser.add_argument("--large-mmap-threshold", action="store_true", help="raise glibc's mmap threshold")
+    parser.add_argument("--block-exponents", type=int, nargs="*", default=[], help="also time 2^e-element blocks")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.runs < 1 or args.rounds < 4:
         parser.error("--runs must be >= 1 and --rounds >= 4")
     if args.child:
-        print(json.dumps(measure(args.rounds)))
+        print(json.dumps(measure(args.rounds, args.block_exponents)))
         return
     env = os.environ | (MALLOC_ENV if args.large_mmap_threshold else {})
-    command = [sys.executable, __file__, "--child", "--rounds", str(args.rounds)]
+    exponents = [str(e) for e in args.block_exponents]
+    command = [sys.executable, __file__, "--child", "--rounds", str(args.rounds), "--block-exponents", *exponents]
     runs = [json.loads(subprocess.check_output(command, env=env, text=True).splitlines()[-1]) for _ in range(args.runs)]
     print(f"ms per call, {args.runs} processes" + (" (large mmap threshold)" if args.large_mmap_threshold else ""))
     for name in runs[0]:
-        print(f"{name:>18}: " + "  ".join(f"{run[name]:7.2f}" for run in runs))
+        print(f"{name:>22}: " + "  ".join(f"{run[name]:7.2f}" for run in runs))
 
 
 if __name__ == "__main__":

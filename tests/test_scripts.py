@@ -132,3 +132,18 @@ def test_coco_api_stats_on_known_boxes(tmp_path):
     stats = coco_api_stats(tmp_path / "gt.json", tmp_path / "pred.json", [1, 2])
     assert stats["AP50"] == pytest.approx(1.0) and stats["AP75"] == pytest.approx(1.0)
     assert stats["AP"] == pytest.approx(0.85)
+
+
+def test_profile_train_step_charges_backward_to_layers(tmp_path):
+    """The per-layer training profile: every PST layer gets forward and backward time, and only PST runs SDPA."""
+    out = tmp_path / "profile.md"
+    args = ("--batch", "2", "--imgsz", "64", "--iterations", "1", "--ops", "40", "--markdown", str(out))
+    result = run_script("profile_train_step.py", *args, tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.read_text().splitlines()}
+    for layer in ("11", "14"):  # the two head layers where YOLO11n-PST has a PST and YOLO12n an A2C2f
+        _, stock, _, _, pst, pst_fwd, pst_bwd, _ = rows[layer]
+        assert (stock, pst) == ("A2C2f", "PST")
+        assert float(pst_fwd) > 0 and float(pst_bwd) > 0
+    backward = rows["`aten::_scaled_dot_product_flash_attention_for_cpu_backward`"]
+    assert float(backward[1]) == 0 and float(backward[2]) > 0

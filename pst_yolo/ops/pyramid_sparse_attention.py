@@ -34,7 +34,7 @@ from .backends import (
 )
 
 DEFAULT_SCORE_CHUNK = 1 << 22  # elements of the (query chunk x M) probability block alive at once (16 MB in fp32)
-CPU_SCORE_CHUNK = 1 << 18  # on CPU a 1 MB fp32 block stays in a core's L2 cache: faster than bigger blocks
+CPU_SCORE_CHUNK = 1 << 18  # on CPU a 1 MB fp32 block: the fastest of 2^15 ... 2^19 (docs/BENCHMARKS.md)
 LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 COARSE_PASSES = ("fused", "kernel")  # see coarse_attention_with_scores
 
@@ -150,9 +150,10 @@ def _block_workspace(q: torch.Tensor, k_t: torch.Tensor, rows: int) -> torch.Ten
 
     A fresh block of this size (1 MB on CPU) is above glibc's mmap threshold: it is mapped on allocation and unmapped
     when freed, so each block would pay its page faults again, and a separate softmax output doubles the memory each
-    block streams through. Measured at 640 px P3 with one thread (docs/BENCHMARKS.md): 1.57x one bare SDPA call with
-    fresh logits and probabilities per block, 1.43x with this buffer. None where the blocks must stay alive or be
-    cast: while autograd records them (backward needs each block's probabilities) or under autocast.
+    block streams through. Measured at 640 px P3 with one thread (``scripts/score_pass_spread.py``, docs/BENCHMARKS.md):
+    89-131 ms per pass with fresh blocks (1.5-2.2x one bare SDPA call, varying from process to process), 81-85 ms
+    (1.39-1.41x) with this buffer. None where the blocks must stay alive or be cast: while autograd records them
+    (backward needs each block's probabilities) or under autocast.
     """
     records = torch.is_grad_enabled() and (q.requires_grad or k_t.requires_grad)
     if records or torch.is_autocast_enabled(q.device.type):

@@ -417,9 +417,7 @@ def random_detection_batch(batch: int, imgsz: int, device, boxes_per_image: int 
     }
 
 
-def training_iteration(
-    name: str, batch: dict, device, accumulate: int
-) -> tuple[torch.nn.Module, Callable, Callable]:
+def training_iteration(name: str, batch: dict, device, accumulate: int) -> tuple[torch.nn.Module, Callable, Callable]:
     """An untrained ``name`` model and the two parts of an Ultralytics 8.4 detection training iteration of it.
 
     ``forward_backward`` runs every iteration, as ``BaseTrainer._do_train`` does: the batch as
@@ -689,7 +687,8 @@ def plot(results: dict, path: Path) -> Path:
                 left.plot([r["topk"] for r in rows], [r["ms"] for r in rows], marker="o", label=f"{backend} {imgsz}")
     left.set(xlabel="top-k", ylabel="ms", yscale="log", title="PSA op at P3 (1 head)")
     left.legend(fontsize=7)
-    labels = [f"{r['model']} ({r['runtime'][:4]}, b{r['batch']})" for r in results["models"]]
+    short = {"pytorch": "torch", "onnxruntime": "onnx"}
+    labels = [f"{r['model']} ({short.get(r['runtime'], r['runtime'])}, b{r['batch']})" for r in results["models"]]
     right.barh(labels, [r["ms"] for r in results["models"]])
     right.set(xlabel="ms", title=f"Models at {results['imgsz']}")
     right.tick_params(axis="y", labelsize=7)
@@ -721,7 +720,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_onnx and importlib.util.find_spec("onnxruntime") is not None:
         results["models"] += bench_models_onnx(args, variants)
     results["train"] = bench_train(args, device)
-    results["flops"] = model_flops(tuple(name for name in ("yolo12n", "yolo11n-pst") if name in args.models), args.imgsz)
+    results["flops"] = model_flops(
+        tuple(name for name in ("yolo12n", "yolo11n-pst") if name in args.models), args.imgsz
+    )
     results["targets"] = targets(results, args.model_topk)
     for t in results["targets"]:
         value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
