@@ -1,14 +1,15 @@
 """Process-to-process spread of the eq. 2+3 pass (docs/BENCHMARKS.md, "The pass is bimodal").
 
-Each run is a fresh process that times, at 640 px and batch 1 with one thread (process CPU time, medians of
-interleaved rounds), the bare SDPA call, the blocked eq. 2+3 pass and the whole op at top-k 8, at P3 (80x80 over
+Each run is a fresh process that times, at 640 px and batch 1 with one thread (process CPU time; ``--threads N``:
+N threads, wall clock; medians of interleaved rounds), the bare SDPA call, the blocked eq. 2+3 pass and the whole op at top-k 8, at P3 (80x80 over
 40x40, 1 head) and P4 (40x40 over 20x20, 2 heads). ``--large-mmap-threshold`` runs the same processes with glibc's
 mmap threshold raised, so that the 1 MB probability blocks are no longer fresh, zero-filled mmaps.
-``--block-exponents`` adds the pass with blocks of 2^e elements (the default block is 2^18 on CPU).
+``--block-exponents`` adds the pass with blocks of 2^e elements (the default block is 2^18 per CPU thread).
 
     python scripts/score_pass_spread.py --runs 3
     python scripts/score_pass_spread.py --runs 3 --large-mmap-threshold
     python scripts/score_pass_spread.py --runs 1 --block-exponents 15 16 17 18 19
+    python scripts/score_pass_spread.py --runs 3 --threads 2
 """
 
 from __future__ import annotations
@@ -25,14 +26,15 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "268435456", "MALLOC_TRIM_THRESHOLD_": "
 LEVELS = (("P3", 80, 1), ("P4", 40, 2))  # name, fine side, heads (head dim 32)
 
 
-def measure(rounds: int, block_exponents: list[int]) -> dict[str, float]:
-    """Median ms (process CPU time) per variant and level in this process."""
+def measure(rounds: int, block_exponents: list[int], threads: int) -> dict[str, float]:
+    """Median ms per variant and level in this process: process CPU time with 1 thread, wall clock with more."""
     import torch
     import torch.nn.functional as F
 
     from pst_yolo.ops import coarse_attention_with_scores, pyramid_sparse_attention
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
+    clock = time.process_time if threads == 1 else time.perf_counter
     torch.manual_seed(0)
     medians = {}
     for level, side, heads in LEVELS:
@@ -50,9 +52,9 @@ def measure(rounds: int, block_exponents: list[int]) -> dict[str, float]:
         with torch.inference_mode():
             for _ in range(rounds):
                 for name, call in calls.items():
-                    start = time.process_time()
+                    start = clock()
                     call()
-                    times[name].append(time.process_time() - start)
+                    times[name].append(clock() - start)
         medians |= {name: statistics.median(t[3:]) * 1e3 for name, t in times.items()}
     return medians
 
@@ -61,6 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="fresh processes")
     parser.add_argument("--rounds", type=int, default=25, help="interleaved rounds per process (3 warm-up)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (more than 1: wall clock)")
     parser.add_argument("--large-mmap-threshold", action="store_true", help="raise glibc's mmap threshold")
     parser.add_argument("--block-exponents", type=int, nargs="*", default=[], help="also time 2^e-element blocks")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -68,11 +71,12 @@ def main() -> None:
     if args.runs < 1 or args.rounds < 4:
         parser.error("--runs must be >= 1 and --rounds >= 4")
     if args.child:
-        print(json.dumps(measure(args.rounds, args.block_exponents)))
+        print(json.dumps(measure(args.rounds, args.block_exponents, args.threads)))
         return
     env = os.environ | (MALLOC_ENV if args.large_mmap_threshold else {})
     exponents = [str(e) for e in args.block_exponents]
-    command = [sys.executable, __file__, "--child", "--rounds", str(args.rounds), "--block-exponents", *exponents]
+    command = [sys.executable, __file__, "--child", "--rounds", str(args.rounds), "--threads", str(args.threads)]
+    command += ["--block-exponents", *exponents]
     runs = [json.loads(subprocess.check_output(command, env=env, text=True).splitlines()[-1]) for _ in range(args.runs)]
     print(f"ms per call, {args.runs} processes" + (" (large mmap threshold)" if args.large_mmap_threshold else ""))
     for name in runs[0]:
