@@ -4,7 +4,7 @@ Each run is a fresh process that times, at 640 px and batch 1 with one thread (p
 N threads, wall clock; medians of interleaved rounds), the bare SDPA call, the blocked eq. 2+3 pass and the whole op at top-k 8, at P3 (80x80 over
 40x40, 1 head) and P4 (40x40 over 20x20, 2 heads). ``--large-mmap-threshold`` runs the same processes with glibc's
 mmap threshold raised, so that the 1 MB probability blocks are no longer fresh, zero-filled mmaps.
-``--block-exponents`` adds the pass with blocks of 2^e elements (the default block is 2^18 per CPU thread).
+``--block-exponents`` adds the pass with blocks of 2^e elements (the default block is 2^18 on CPU).
 
     python scripts/score_pass_spread.py --runs 3
     python scripts/score_pass_spread.py --runs 3 --large-mmap-threshold

@@ -34,7 +34,7 @@ from .backends import (
 )
 
 DEFAULT_SCORE_CHUNK = 1 << 22  # elements of the (query chunk x M) probability block alive at once (16 MB in fp32)
-CPU_SCORE_CHUNK = 1 << 18  # per CPU thread: a 1 MB fp32 slice each, the fastest of 2^15 ... 2^20 (docs/BENCHMARKS.md)
+CPU_SCORE_CHUNK = 1 << 18  # on CPU a 1 MB fp32 block: the fastest of 2^15 ... 2^19 (docs/BENCHMARKS.md)
 LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 COARSE_PASSES = ("fused", "kernel")  # see coarse_attention_with_scores
 
@@ -42,13 +42,12 @@ COARSE_PASSES = ("fused", "kernel")  # see coarse_attention_with_scores
 def _query_chunk_rows(q: torch.Tensor, num_keys: int, max_chunk_elements: int | None) -> int:
     """Rows of q per chunk so that one (B, h, rows, M) block holds at most ``max_chunk_elements`` elements.
 
-    None picks the device's default: ``CPU_SCORE_CHUNK`` per thread on CPU, ``DEFAULT_SCORE_CHUNK`` elsewhere.
+    None picks the device's default: ``CPU_SCORE_CHUNK`` on CPU, ``DEFAULT_SCORE_CHUNK`` elsewhere.
     """
     if is_exporting():  # one block: a traced loop would bake the chunk count into the graph
         return q.shape[2]
     if max_chunk_elements is None:
-        cpu = q.device.type == "cpu"
-        max_chunk_elements = CPU_SCORE_CHUNK * torch.get_num_threads() if cpu else DEFAULT_SCORE_CHUNK
+        max_chunk_elements = CPU_SCORE_CHUNK if q.device.type == "cpu" else DEFAULT_SCORE_CHUNK
     batch_heads = q.shape[0] * q.shape[1]
     return max(1, max_chunk_elements // max(1, batch_heads * num_keys))
 
@@ -119,9 +118,7 @@ def blocked_attention_with_scores(
     """Eq. 2 and eq. 3 in one pass over query blocks: each probability block gives its output rows and key sums.
 
     The exp and the q k^T product are shared by the output and the scores, and at most one (B, h, rows, M) block
-    (and its softmax) exists at once. On CPU a block is split into one sub-block per thread, computed side by side
-    as a batch (each thread's GEMM and softmax on its own contiguous rows; measured faster with 2 threads than one
-    GEMM split by the BLAS library: docs/BENCHMARKS.md).
+    (and its softmax) exists at once.
 
     Args:
         q: (B, h, N, d) queries; k, v: (B, h, M, d) coarse keys/values.
@@ -136,16 +133,10 @@ def blocked_attention_with_scores(
     if rows >= n:
         out, total = _attention_block(q, k_t, v)
         return out, total / n
-    groups = torch.get_num_threads() if q.device.type == "cpu" and rows >= torch.get_num_threads() else 1
-    rows -= rows % groups
-    k_t, v = k_t.unsqueeze(2), v.unsqueeze(2)  # (B, h, 1, d, M), (B, h, 1, M, d): shared by the sub-blocks
     workspace = _block_workspace(q, k_t, rows)
     out, total = None, None
     for start in range(0, n, rows):
-        q_block = q[:, :, start : start + rows]
-        sub_blocks = groups if q_block.shape[2] % groups == 0 else 1  # the last block may be shorter
-        part, part_scores = _attention_block(q_block.unflatten(2, (sub_blocks, -1)), k_t, v, workspace)
-        part = part.flatten(2, 3)  # (B, h, rows, d)
+        part, part_scores = _attention_block(q[:, :, start : start + rows], k_t, v, workspace)
         if out is None:  # allocated from the first block: its dtype follows autocast
             out, total = part.new_empty(q.shape[:-1] + v.shape[-1:]), part_scores
         else:
@@ -167,25 +158,24 @@ def _block_workspace(q: torch.Tensor, k_t: torch.Tensor, rows: int) -> torch.Ten
     records = torch.is_grad_enabled() and (q.requires_grad or k_t.requires_grad)
     if records or torch.is_autocast_enabled(q.device.type):
         return None
-    return q.new_empty(q.shape[0] * q.shape[1] * rows * k_t.shape[-1], dtype=torch.result_type(q, k_t))
+    B, h, _, M = k_t.shape
+    return q.new_empty(B * h * rows * M, dtype=torch.result_type(q, k_t))
 
 
 def _attention_block(
     q_block: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, workspace: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output rows and probabilities summed over the block's queries (B, h, M) of one query block.
+    """Output rows (B, h, rows, d) and probabilities summed over the block's queries (B, h, M) of one query block.
 
-    q_block is (B, h, rows, d) with k_t (B, h, d, M) and v (B, h, M, d), or (B, h, g, rows, d) sub-blocks with k_t
-    (B, h, 1, d, M) and v (B, h, 1, M, d); the output has q_block's shape. With ``workspace`` (from
-    :func:`_block_workspace`) the logits are written into it and softmax-ed in place.
+    With ``workspace`` (from :func:`_block_workspace`) the logits are written into it and softmax-ed in place.
     """
     if workspace is None:
-        probs = (q_block @ k_t).softmax(dim=-1)  # (B, h, [g,] rows, M)
+        probs = (q_block @ k_t).softmax(dim=-1)  # (B, h, rows, M)
     else:
-        shape = q_block.shape[:-1] + k_t.shape[-1:]  # the last block may have fewer rows
+        shape = q_block.shape[:-1] + k_t.shape[-1:]  # (B, h, rows, M); the last block may have fewer rows
         probs = workspace[: shape.numel()].view(shape)
         torch.softmax(torch.matmul(q_block, k_t, out=probs), dim=-1, out=probs)
-    return probs @ v, _sum_over_queries(probs.detach().float().flatten(2, -2))
+    return probs @ v, _sum_over_queries(probs.detach().float())
 
 
 def _checked_coarse_pass(coarse_pass: str | None) -> str | None:
