@@ -183,7 +183,7 @@ class PSAttn(nn.Module):
         bn = self.kv.bn
         with torch.no_grad():
             # The batch mean and unbiased variance, as BN keeps them: BN's own kernel with momentum 1 writes them
-            # into fresh buffers (measured 3x faster on CPU than torch.var_mean over (0, 2, 3)).
+            # into fresh buffers (faster on CPU than torch.var_mean over (0, 2, 3): docs/BENCHMARKS.md).
             mean, var = y.new_zeros(y.shape[1], dtype=torch.float32), y.new_ones(y.shape[1], dtype=torch.float32)
             F.batch_norm(y.detach().float(), mean, var, training=True, momentum=1.0)
             count = bn.num_batches_tracked
