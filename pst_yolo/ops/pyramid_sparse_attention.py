@@ -151,8 +151,8 @@ def _block_workspace(q: torch.Tensor, k_t: torch.Tensor, rows: int) -> torch.Ten
     A fresh block of this size (1 MB on CPU) is above glibc's mmap threshold: it is mapped on allocation and unmapped
     when freed, so each block would pay its page faults again, and a separate softmax output doubles the memory each
     block streams through. Measured at 640 px P3 with one thread (``scripts/score_pass_spread.py``, docs/BENCHMARKS.md):
-    89-131 ms per pass with fresh blocks (1.5-2.2x one bare SDPA call, varying from process to process), 81-85 ms
-    (1.39-1.41x) with this buffer. None where the blocks must stay alive or be cast: while autograd records them
+    89-131 ms per pass with fresh blocks (1.5-2.2x one bare SDPA call, varying from process to process), 81-88 ms
+    (1.39-1.48x) with this buffer. None where the blocks must stay alive or be cast: while autograd records them
     (backward needs each block's probabilities) or under autocast.
     """
     records = torch.is_grad_enabled() and (q.requires_grad or k_t.requires_grad)
