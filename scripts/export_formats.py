@@ -81,18 +81,6 @@ def missing_module(fmt: str) -> str | None:
     return None
 
 
-def reference_model(checkpoint: Path, k: int | None):
-    """Fused fp32 eval PyTorch model of ``checkpoint``, top-k ``k`` on every PSA module unless None."""
-    from ultralytics import YOLO
-
-    from pst_yolo import set_topk
-
-    model = YOLO(str(checkpoint)).model.float().fuse().eval()
-    if k is not None:
-        set_topk(model, k)
-    return model
-
-
 def first_output(y):
     """First output of a model or runtime call, as a float64 numpy array."""
     import numpy as np
@@ -101,15 +89,6 @@ def first_output(y):
     while isinstance(y, (list, tuple, dict)):
         y = next(iter(y.values())) if isinstance(y, dict) else y[0]
     return (y.detach().float().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)).astype(np.float64)
-
-
-def max_abs_diff(reference, output, size: int) -> float:
-    """Largest |difference| of detection outputs (B, 4 + nc, N): boxes divided by the input size, scores as they are."""
-    import numpy as np
-
-    diff = np.abs(reference - output)
-    diff[:, :4] /= size
-    return float(diff.max())
 
 
 def export(checkpoint: Path, fmt: str, k: int | None, imgsz: int, folder: Path, name: str) -> Path:
@@ -254,6 +233,8 @@ def measure_formats(args: argparse.Namespace, checkpoints: dict, images: list) -
     """Export, compare and time every requested format; return the per-format results."""
     import torch
 
+    from pst_yolo.tools.calibration import max_abs_diff, reference_model
+
     torch.set_num_threads(args.threads)
     references = {v: reference_model(checkpoints[m], k) for v, (m, k) in VARIANTS.items()}
     with torch.no_grad():
@@ -263,7 +244,8 @@ def measure_formats(args: argparse.Namespace, checkpoints: dict, images: list) -
         fp64 = reference_model(checkpoints[VARIANTS[v][0]], VARIANTS[v][1]).double()
         with torch.no_grad():
             error = max(
-                max_abs_diff(first_output(fp64(x.double())), y, args.imgsz) for x, y in zip(images, expected[v])
+                max_abs_diff(first_output(fp64(x.double())), y, "detect", args.imgsz)
+                for x, y in zip(images, expected[v])
             )
         formats["pytorch"][v] = {"error": error, "note": "fused fp32 eager (the reference) against fp64"}
         runs[("pytorch", v)] = references[v]
@@ -286,7 +268,8 @@ def measure_formats(args: argparse.Namespace, checkpoints: dict, images: list) -
                 run, cell["note"] = runner(fmt, path, args.threads)
                 with torch.inference_mode():
                     cell["error"] = max(
-                        max_abs_diff(ref, first_output(run(x)), args.imgsz) for ref, x in zip(expected[v], images)
+                        max_abs_diff(ref, first_output(run(x)), "detect", args.imgsz)
+                        for ref, x in zip(expected[v], images)
                     )
                 runs[(fmt, v)] = run
             except Exception as e:  # noqa: BLE001  a format failing for one variant is a result, not a crash
@@ -297,7 +280,8 @@ def measure_formats(args: argparse.Namespace, checkpoints: dict, images: list) -
         formats[fmt][v]["ms"] = ms
     fine = {
         "max |k=8 - k=0| PyTorch": max(
-            max_abs_diff(a, b, args.imgsz) for a, b in zip(expected["YOLO11n-PST k=8"], expected["YOLO11n-PST k=0"])
+            max_abs_diff(a, b, "detect", args.imgsz)
+            for a, b in zip(expected["YOLO11n-PST k=8"], expected["YOLO11n-PST k=0"])
         )
     }
     return {"formats": formats, "fine_branch": fine}

@@ -28,13 +28,13 @@ from export_formats import (  # scripts/export_formats.py, next to this file
     export,
     first_output,
     machine,
-    max_abs_diff,
     missing_module,
     openvino_runner,
     prepare,
-    reference_model,
     write_results,
 )
+
+from pst_yolo.tools.calibration import max_abs_diff, reference_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,10 +78,12 @@ def study(args: argparse.Namespace, checkpoints: dict, images: list) -> dict:
             expected = [first_output(reference(x)) for x in images]
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 bf16 = [first_output(reference(x)) for x in images]
-        errors = {"PyTorch bf16 autocast": max(max_abs_diff(a, b, args.imgsz) for a, b in zip(expected, bf16))}
+        errors = {
+            "PyTorch bf16 autocast": max(max_abs_diff(a, b, "detect", args.imgsz) for a, b in zip(expected, bf16))
+        }
         for hint in (None, "f32", "bf16"):
             run, effective = openvino_runner(path, args.threads, hint)
-            error = max(max_abs_diff(a, first_output(run(x)), args.imgsz) for a, x in zip(expected, images))
+            error = max(max_abs_diff(a, first_output(run(x)), "detect", args.imgsz) for a, x in zip(expected, images))
             errors[f"OpenVINO hint={hint or 'default'} (runs {effective})"] = error
         study["errors"][v] = errors
         print(f"[openvino-precision] {v}: {errors}", flush=True)

@@ -13,11 +13,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from ultralytics import YOLO
 
-from pst_yolo import PSAttn, set_topk
+from pst_yolo import PSAttn
 from pst_yolo.tools.calibration import BUNDLED_IMAGES as IMAGES  # noqa: F401  (re-exported for the tests)
-from pst_yolo.tools.calibration import calibrate_random_weights, calibrated_checkpoint, letterboxed  # noqa: F401
+from pst_yolo.tools.calibration import (  # noqa: F401  (re-exported for the tests)
+    calibrate_random_weights,
+    calibrated_checkpoint,
+    letterboxed,
+    max_abs_diff,
+    reference_model,
+)
 
 
 @contextlib.contextmanager
@@ -28,13 +33,6 @@ def topk_override(k: int | None):
         yield
     finally:
         PSAttn.override_topk(None)
-
-
-def reference_model(checkpoint: Path, k: int) -> nn.Module:
-    """The fused fp32 eval PyTorch model of ``checkpoint`` with top-k ``k``."""
-    model = YOLO(str(checkpoint)).model.float().fuse().eval()
-    set_topk(model, k)
-    return model
 
 
 def torch_output(model: nn.Module, x: torch.Tensor) -> np.ndarray:
@@ -49,14 +47,3 @@ def ort_output(path: str | Path, x: torch.Tensor) -> np.ndarray:
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-
-
-def max_abs_diff(reference: np.ndarray, output: np.ndarray, task: str, size: int) -> float:
-    """Largest |difference|: detection boxes (first 4 rows) divided by the input size, class probabilities as logs."""
-    reference, output = reference.astype(np.float64), output.astype(np.float64)
-    if task == "classify":  # softmax over 1000 classes: probabilities ~1e-3, compare log-probabilities
-        reference, output = np.log(reference), np.log(output)
-    diff = np.abs(reference - output)
-    if task == "detect":
-        diff[:, :4] /= size
-    return float(diff.max())

@@ -1,4 +1,4 @@
-"""Random weights that let the fine attention act: for export and precision checks without a trained checkpoint.
+"""Random weights that let the fine attention act, and the fp32 reference the export and precision checks compare to.
 
 A random-init model in eval mode hides the fine branch: BatchNorm running statistics at init shrink deep features to
 ~1e-7, so top-k 8 and top-k 0 outputs differ by ~1e-7 and a dropped fine branch would pass any parity check.
@@ -65,3 +65,29 @@ def calibrated_checkpoint(yaml_name: str, batch: torch.Tensor, path: str | Path)
     calibrate_random_weights(yolo.model, batch)
     yolo.save(str(path))
     return Path(path)
+
+
+def reference_model(checkpoint: str | Path, k: int | None = None) -> nn.Module:
+    """The fused fp32 eval PyTorch model of ``checkpoint``, with top-k ``k`` on every PSA module unless None."""
+    from ultralytics import YOLO
+
+    from ..nn.pst import set_topk
+
+    model = YOLO(str(checkpoint)).model.float().fuse().eval()
+    if k is not None:
+        set_topk(model, k)
+    return model
+
+
+def max_abs_diff(reference, output, task: str, size: int) -> float:
+    """Largest |difference| of two outputs (numpy arrays): detection boxes (first 4 rows) divided by the input size,
+    class probabilities compared as logs (softmax over 1000 classes: probabilities ~1e-3), anything else as it is."""
+    import numpy as np
+
+    reference, output = np.asarray(reference, dtype=np.float64), np.asarray(output, dtype=np.float64)
+    if task == "classify":
+        reference, output = np.log(reference), np.log(output)
+    diff = np.abs(reference - output)
+    if task == "detect":
+        diff[:, :4] /= size
+    return float(diff.max())
