@@ -25,11 +25,16 @@ LOSS = "loss"  # forward ops outside every layer: the detection loss
 ACCUMULATE = "grad accumulation"  # AccumulateGrad nodes: writing each parameter's .grad (no forward op)
 
 
-def label_layers(model: torch.nn.Module) -> list:
-    """Open a ``record_function`` range named ``"<i> <type>"`` around every top-level layer's forward; returns hooks."""
-    handles = []
+def label_layers(model: torch.nn.Module) -> tuple[list, set[str]]:
+    """Open a ``record_function`` range named ``"<i> <type>"`` around every top-level layer's forward.
+
+    Returns:
+        The hook handles and the range names.
+    """
+    handles, names = [], set()
     for layer in model.model:
         name = f"{layer.i} {layer.type.split('.')[-1]}"
+        names.add(name)
 
         def enter(module, args, name=name):
             module._profile_range = record_function(name)
@@ -39,7 +44,7 @@ def label_layers(model: torch.nn.Module) -> list:
             module._profile_range.__exit__(None, None, None)
 
         handles += [layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave)]
-    return handles
+    return handles, names
 
 
 def layer_of(event, layer_names: set[str]) -> str:
@@ -52,10 +57,14 @@ def layer_of(event, layer_names: set[str]) -> str:
 
 
 def profile_model(name: str, batch: dict, iterations: int) -> tuple[dict, dict]:
-    """ms per iteration: {layer: [forward, backward]} and {aten op: self time}."""
+    """ms per iteration: {layer: [forward, backward]} and {aten op: self time}.
+
+    Forward: each layer's range (top-level layers never nest); ``LOSS`` gets the top-level forward ops outside every
+    layer (the /255 and the loss). Backward: each ``evaluate_function`` node goes to the layer of the forward op with
+    its sequence number, AccumulateGrad nodes to ``ACCUMULATE``.
+    """
     model, forward_backward, _ = training_iteration(name, batch, torch.device("cpu"), accumulate=1)
-    handles = label_layers(model)
-    layer_names = {f"{m.i} {m.type.split('.')[-1]}" for m in model.model}
+    handles, layer_names = label_layers(model)
     for _ in range(2):  # warm-up
         forward_backward()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -71,30 +80,15 @@ def profile_model(name: str, batch: dict, iterations: int) -> tuple[dict, dict]:
     per_layer = defaultdict(lambda: [0.0, 0.0])
     for event in events:
         ms = event.cpu_time_total / 1e3 / iterations
-        if event.name in layer_names and not _nested_in_layer(event, layer_names):
+        if event.name in layer_names:
             per_layer[event.name][0] += ms
         elif event.name.startswith(BACKWARD_PREFIX):
             accumulate = event.name.endswith("AccumulateGrad")
             per_layer[ACCUMULATE if accumulate else owner.get(event.sequence_nr, LOSS)][1] += ms
-    loss_forward = _loss_forward_ms(events, layer_names, iterations)
-    per_layer[LOSS][0] += loss_forward
+        elif event.cpu_parent is None and event.fwd_thread == 0 and event.name.startswith("aten::"):
+            per_layer[LOSS][0] += ms
     ops = {e.key: e.self_cpu_time_total / 1e3 / iterations for e in prof.key_averages() if e.key.startswith("aten::")}
     return dict(per_layer), ops
-
-
-def _nested_in_layer(event, layer_names: set[str]) -> bool:
-    parent = event.cpu_parent
-    return parent is not None and layer_of(parent, layer_names) != LOSS
-
-
-def _loss_forward_ms(events, layer_names: set[str], iterations: int) -> float:
-    """Top-level forward ops outside every layer and outside backward (the loss, the /255), ms per iteration."""
-    total = 0.0
-    for event in events:
-        top_level = event.cpu_parent is None and event.fwd_thread == 0 and event.name.startswith("aten::")
-        if top_level and event.name not in layer_names:
-            total += event.cpu_time_total / 1e3 / iterations
-    return total
 
 
 def layer_table(stock: dict, pst: dict) -> list[tuple]:
