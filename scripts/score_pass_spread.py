@@ -1,9 +1,9 @@
-"""Process-to-process spread of the eq. 2+3 pass (docs/BENCHMARKS.md, "The pass is bimodal").
+"""Process-to-process spread of the eq. 2+3 pass (docs/BENCHMARKS.md, "The pass is no longer bimodal").
 
 Each run is a fresh process that times, at 640 px and batch 1 with one thread (process CPU time; ``--threads N``:
-N threads, wall clock; medians of interleaved rounds), the bare SDPA call, the blocked eq. 2+3 pass and the whole op at top-k 8, at P3 (80x80 over
-40x40, 1 head) and P4 (40x40 over 20x20, 2 heads). ``--large-mmap-threshold`` runs the same processes with glibc's
-mmap threshold raised, so that the 1 MB probability blocks are no longer fresh, zero-filled mmaps.
+N threads, wall clock; medians of interleaved rounds), the bare SDPA call, the blocked eq. 2+3 pass and the whole op
+at top-k 8, at P3 (80x80 over 40x40, 1 head) and P4 (40x40 over 20x20, 2 heads). ``--large-mmap-threshold`` runs
+the same processes with glibc's mmap threshold raised, so that fresh 1 MB blocks are no zero-filled mmaps.
 ``--block-exponents`` adds the pass with blocks of 2^e elements (the default block is 2^18 on CPU).
 
     python scripts/score_pass_spread.py --runs 3
@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "268435456", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
 LEVELS = (("P3", 80, 1), ("P4", 40, 2))  # name, fine side, heads (head dim 32)
@@ -32,9 +30,9 @@ def measure(rounds: int, block_exponents: list[int], threads: int) -> dict[str, 
     import torch.nn.functional as F
 
     from pst_yolo.ops import coarse_attention_with_scores, pyramid_sparse_attention
+    from pst_yolo.tools.benchmark import time_round_robin
 
     torch.set_num_threads(threads)
-    clock = time.process_time if threads == 1 else time.perf_counter
     torch.manual_seed(0)
     medians = {}
     for level, side, heads in LEVELS:
@@ -44,18 +42,14 @@ def measure(rounds: int, block_exponents: list[int], threads: int) -> dict[str, 
         calls = {
             f"{level} bare SDPA": lambda: F.scaled_dot_product_attention(q, k, v),
             f"{level} eq. 2+3 pass": lambda: coarse_attention_with_scores(q, k, v, "sdpa"),
-            f"{level} op k=8": lambda: pyramid_sparse_attention(q, k, v, kf, vf, (side, side), (up, up), 8, 1e-6, "sdpa"),
-        }  # fmt: skip
+            f"{level} op k=8": lambda: pyramid_sparse_attention(
+                q, k, v, kf, vf, (side, side), (up, up), 8, 1e-6, "sdpa"
+            ),
+        }
         for e in block_exponents:
             calls[f"{level} pass 2^{e} blocks"] = lambda e=e: coarse_attention_with_scores(q, k, v, "sdpa", 1 << e)
-        times = {name: [] for name in calls}
         with torch.inference_mode():
-            for _ in range(rounds):
-                for name, call in calls.items():
-                    start = clock()
-                    call()
-                    times[name].append(clock() - start)
-        medians |= {name: statistics.median(t[3:]) * 1e3 for name, t in times.items()}
+            medians |= time_round_robin(calls, rounds - 3, 3, torch.device("cpu"), "cpu" if threads == 1 else "wall")
     return medians
 
 
