@@ -20,12 +20,12 @@ scripts/openvino_precision.py measures what OpenVINO's bf16 default does (docs/E
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -183,21 +183,6 @@ def runner(fmt: str, path: Path, threads: int):
     return (lambda x: backend(x)), "AutoBackend (its own thread count, except LiteRT's)"
 
 
-def time_interleaved(runs: dict, x, rounds: int, warmup: int) -> dict[str, float]:
-    """Median milliseconds of each callable on ``x``, one call of each per round."""
-    import torch
-
-    times = {key: [] for key in runs}
-    with torch.inference_mode():
-        for i in range(warmup + rounds):
-            for key, run in runs.items():
-                start = time.perf_counter()
-                run(x)
-                if i >= warmup:
-                    times[key].append((time.perf_counter() - start) * 1e3)
-    return {key: statistics.median(t) for key, t in times.items()}
-
-
 def format_table(results: dict) -> str:
     """The format x variant table as Markdown: max error vs fp32 PyTorch and median latency."""
     lines = [
@@ -233,6 +218,7 @@ def measure_formats(args: argparse.Namespace, checkpoints: dict, images: list) -
     """Export, compare and time every requested format; return the per-format results."""
     import torch
 
+    from pst_yolo.tools.benchmark import time_round_robin
     from pst_yolo.tools.calibration import max_abs_diff, reference_model
 
     torch.set_num_threads(args.threads)
@@ -276,7 +262,10 @@ def measure_formats(args: argparse.Namespace, checkpoints: dict, images: list) -
                 cell["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             print(f"[export_formats] {fmt} {v}: {cell}", flush=True)
     print(f"[export_formats] timing {len(runs)} runtimes x {args.rounds} rounds", flush=True)
-    for (fmt, v), ms in time_interleaved(runs, images[0], args.rounds, args.warmup).items():
+    with torch.inference_mode():  # one call of each per round, medians
+        calls = {key: functools.partial(run, images[0]) for key, run in runs.items()}
+        medians = time_round_robin(calls, args.rounds, args.warmup, torch.device("cpu"))
+    for (fmt, v), ms in medians.items():
         formats[fmt][v]["ms"] = ms
     fine = {
         "max |k=8 - k=0| PyTorch": max(
