@@ -68,6 +68,14 @@ def test_quick_run_writes_every_table(tmp_path):
     labels = {"yolo12n", "yolo11n-pst k=0", "yolo11n-pst k=8", "yolo11n-pst k=8 naive"}
     assert {r["model"] for r in saved["models"] if r["runtime"] == "pytorch"} == labels
     assert {r["model"] for r in saved["train"]} == {"yolo12n", "yolo11n-pst"}
+    # the bounds' inputs: the PSA attention nodes in ONNX Runtime's profile, the attention kernel in training
+    (ort_k0,) = [r for r in saved["models"] if r["runtime"] == "onnxruntime" and r["model"] == "yolo11n-pst k=0"]
+    assert 0 < ort_k0["attention_ms"] < ort_k0["ms"]
+    train = {r["model"]: r for r in saved["train"]}
+    assert 0 < train["yolo11n-pst"]["attention_ms"] < train["yolo11n-pst"]["ms"]
+    assert train["yolo12n"]["attention_ms"] is None
+    bounds = [t for t in saved["targets"] if t["name"].startswith(("bound of", "ceiling of"))]
+    assert len(bounds) == 5 and all(t["value"] > 0 for t in bounds), bounds
     for r in saved["train"]:  # the trainer's accumulate = round(nbs 64 / batch 2): one optimizer step per 32
         assert r["accumulate"] == 32 and r["ms"] == pytest.approx(r["forward_backward_ms"] + r["optimizer_ms"] / 32)
     assert len(saved["targets"]) == len(results["targets"])

@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime even when installed")
     parser.add_argument("--train-batch", type=count("train-batch"), default=8)
     parser.add_argument("--train-imgsz", type=count("train-imgsz", 32, 32), default=320)
-    parser.add_argument("--train-steps", type=count("train-steps"), default=4, help="timed steps per model")
+    parser.add_argument("--train-steps", type=count("train-steps"), default=8, help="timed steps per model")
     parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
     args = parser.parse_args(argv)
     unknown = [name for name in args.models if not model_yaml_exists(name)]
@@ -376,29 +376,89 @@ def export_onnx(model: torch.nn.Module, topk: int | None, x: torch.Tensor, path:
     return path
 
 
-def bench_models_onnx(args, variants: dict) -> list[dict]:
-    """ONNX Runtime CPU latency of each default-backend variant (exported at top-k 0 / ``model_topk`` separately)."""
-    import numpy as np
+def onnx_session_options(threads: int, profile_prefix: Path | None = None):
+    """ONNX Runtime options: ``threads`` intra-op threads, one inter-op; ORT's profiler on when a prefix is given."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
+    return options
+
+
+def onnx_scope(module_name: str) -> str:
+    """The ONNX node-name prefix of a module: ``model.14.blocks.0.attn`` -> ``/model.14/blocks.0/attn/`` (the
+    TorchScript exporter keeps a container's child index with the child's name)."""
+    parts: list[str] = []
+    for part in module_name.split("."):
+        if part.isdigit() and parts:
+            parts[-1] += f".{part}"
+        else:
+            parts.append(part)
+    return "/" + "/".join(parts) + "/"
+
+
+ATTENTION_NODES = ("MatMul", "FusedMatMul", "Softmax")  # q k^T, softmax, p v as ONNX Runtime runs them
+
+
+def onnx_attention_ms(path: Path, scopes: list[str], feed: dict, threads: int, runs: int) -> float:
+    """Median ms per run that ONNX Runtime spends in the attention nodes (``ATTENTION_NODES``) inside ``scopes``:
+    the q k^T, softmax and p v of the exported PSA layers (their convs are Conv nodes). From ORT's profiler, over
+    ``runs`` runs after one left out."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = onnx_session_options(threads, Path(tmp) / "ort")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for _ in range(runs + 1):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[1:]
+    nodes = [
+        e for e in events
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["name"].startswith(tuple(scopes))
+        and e["args"].get("op_name") in ATTENTION_NODES
+    ]  # fmt: skip
+    per_run = [sum(e["dur"] for e in nodes if start <= e["ts"] <= end) / 1e3 for start, end in spans]
+    return statistics.median(per_run)
+
+
+def bench_models_onnx(args, variants: dict) -> list[dict]:
+    """ONNX Runtime CPU latency of each default-backend variant (exported at top-k 0 / ``model_topk`` separately).
+
+    For PST models at top-k 0 the row also gives ``attention_ms``: the time of the PSA layers' attention nodes
+    (:func:`onnx_attention_ms`), what the k=0 graph must spend beyond a model without those layers.
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    from ..nn import PSAttn
+
+    options = onnx_session_options(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for batch in args.model_batches:
             x = torch.rand(batch, 3, args.imgsz, args.imgsz)
-            sessions = {}
+            sessions, paths = {}, {}
             for i, (label, (model, k, backend)) in enumerate(variants.items()):
                 if backend != "auto":  # the exported graph does not depend on the backend
                     continue
-                path = export_onnx(model.cpu(), k, x, Path(tmp) / f"model{i}-b{batch}.onnx")
-                sessions[label] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                paths[label] = export_onnx(model.cpu(), k, x, Path(tmp) / f"model{i}-b{batch}.onnx")
+                sessions[label] = ort.InferenceSession(str(paths[label]), options, providers=["CPUExecutionProvider"])
             feed = {"images": x.numpy().astype(np.float32)}
             calls = {label: lambda s=s: s.run(None, feed) for label, s in sessions.items()}
             ms = time_round_robin(calls, args.repeats, args.warmup, torch.device("cpu"), args.clock)
-            rows += [{"runtime": "onnxruntime", "model": label, "batch": batch, "ms": t} for label, t in ms.items()]
+            for label, t in ms.items():
+                row = {"runtime": "onnxruntime", "model": label, "batch": batch, "ms": t}
+                model, k, _ = variants[label]
+                if k == 0:
+                    scopes = [onnx_scope(n) for n, m in model.named_modules() if isinstance(m, PSAttn)]
+                    row["attention_ms"] = onnx_attention_ms(paths[label], scopes, feed, args.threads, args.repeats)
+                rows.append(row)
             print(f"onnxruntime batch {batch}: " + ", ".join(f"{label}: {t:.1f} ms" for label, t in ms.items()))
     return rows
 
@@ -462,9 +522,54 @@ def training_iteration(name: str, batch: dict, device, accumulate: int) -> tuple
     return model, forward_backward, optimizer_step
 
 
+def psa_attention_shapes(model: torch.nn.Module, images: torch.Tensor) -> list[tuple[int, int, int, int, int]]:
+    """(B, heads, N, M, head dim) of the coarse attention of each PSA layer in one forward of ``images``."""
+    from ..nn import PSAttn
+
+    shapes = []
+
+    def record(module, inputs):
+        x, up = inputs  # (B, C, H, W), (B, C, Hu, Wu)
+        shapes.append((len(x), module.num_heads, x.shape[2] * x.shape[3], up.shape[2] * up.shape[3], module.head_dim))
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, PSAttn)]
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return shapes
+
+
+def attention_forward_backward(shapes: list[tuple[int, int, int, int, int]], device) -> Callable[[], None]:
+    """Forward and backward of the attention kernel a PSA layer trains with (the default backend; autocast on CUDA
+    as in training) at each of ``shapes`` (from :func:`psa_attention_shapes`), on seeded random tensors."""
+    from ..ops import attention, resolve_backend
+
+    g = torch.Generator().manual_seed(0)
+    tensors = []
+    for b, h, n, m, d in shapes:
+        q, k, v, grad = (torch.randn(b, h, rows, d, generator=g).to(device) for rows in (n, m, m, n))
+        tensors.append((q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), grad))
+
+    def run():
+        for q, k, v, grad in tensors:
+            with torch.autocast(device.type, enabled=device.type == "cuda"):
+                out, _ = attention(q, k, v, resolve_backend(None, q, kv_len=k.shape[2]))
+            out.backward(grad.to(out.dtype))
+            q.grad = k.grad = v.grad = None
+
+    return run
+
+
 def bench_train(args, device) -> list[dict]:
     """ms per training iteration: forward + loss + backward, plus 1/accumulate of an optimizer step (with the
-    trainer's accumulate = round(nbs / batch), nbs = 64), each part timed round-robin across the models."""
+    trainer's accumulate = round(nbs / batch), nbs = 64), each part timed round-robin across the models.
+
+    PST rows also give ``attention_ms``: the forward and backward of the attention kernel alone at the shapes the
+    model's PSA layers train with, timed in the same rounds (what PST must spend beyond a model without them).
+    """
     from ultralytics.cfg import get_cfg
 
     names = [n for n in ("yolo12n", "yolo11n-pst") if n in args.models] or ["yolo12n", "yolo11n-pst"]
@@ -473,9 +578,12 @@ def bench_train(args, device) -> list[dict]:
     batch = random_detection_batch(batch_size, args.train_imgsz, device)
     calls = {}
     for name in names:
-        _, calls[f"{name} forward+backward"], calls[f"{name} optimizer"] = training_iteration(
+        model, calls[f"{name} forward+backward"], calls[f"{name} optimizer"] = training_iteration(
             name, batch, device, accumulate
         )
+        if is_pst(model):
+            shapes = psa_attention_shapes(model, batch["img"].float() / 255)
+            calls[f"{name} attention"] = attention_forward_backward(shapes, device)
     ms = time_round_robin(calls, args.train_steps, 1, device, args.clock)
     rows = []
     for n in names:
@@ -483,7 +591,8 @@ def bench_train(args, device) -> list[dict]:
         iteration = fb + opt / accumulate
         rows.append(
             {"model": n, "batch": batch_size, "imgsz": args.train_imgsz, "accumulate": accumulate, "ms": iteration,
-             "forward_backward_ms": fb, "optimizer_ms": opt, "images_per_s": 1e3 * batch_size / iteration}
+             "forward_backward_ms": fb, "optimizer_ms": opt, "images_per_s": 1e3 * batch_size / iteration,
+             "attention_ms": ms.get(f"{n} attention")}
         )  # fmt: skip
     print("train iteration: " + ", ".join(f"{r['model']}: {r['ms']:.0f} ms" for r in rows))
     return rows
@@ -517,20 +626,21 @@ def model_flops(names: tuple[str, ...], imgsz: int) -> dict[str, float]:
     return flops
 
 
+def psa_layers_ms(op: list[dict], imgsz: int, backend: str) -> float | None:
+    """Sum over the PSA layers of an N-scale model at ``imgsz`` (P3 1 head, P4 2 heads) of the op table's ms."""
+    rows = [find(op, imgsz=imgsz, level=level, backend=backend) for level in ("P3", "P4")]
+    return None if None in rows else sum(r["ms"] for r in rows)
+
+
 def fine_attention_bound(op: list[dict], model_k0_ms: float | None, imgsz: int) -> float | None:
     """Lowest k>0 / k=0 model latency ratio an exact eq. 3 allows with the op's score pass.
 
-    At k > 0 each PSA layer (P3 and P4 of an N-scale model at ``imgsz``) runs the eq. 2+3 pass instead of the bare
-    SDPA call: 1 + sum of (pass - bare SDPA) over the layers / the model's k=0 latency. What the fine attention
-    itself adds (selection, gather, the attention over 4k tokens) comes on top.
+    At k > 0 each PSA layer runs the eq. 2+3 pass instead of the bare SDPA call: 1 + sum of (pass - bare SDPA) over
+    the layers / the model's k=0 latency. What the fine attention itself adds (selection, gather, the attention over
+    4k tokens) comes on top.
     """
-    extra = 0.0
-    for level in ("P3", "P4"):
-        bare, coarse = (find(op, imgsz=imgsz, level=level, backend=b) for b in ("bare sdpa", COARSE_PASS))
-        if bare is None or coarse is None or model_k0_ms is None:
-            return None
-        extra += coarse["ms"] - bare["ms"]
-    return 1 + extra / model_k0_ms
+    passes, bare = psa_layers_ms(op, imgsz, COARSE_PASS), psa_layers_ms(op, imgsz, "bare sdpa")
+    return None if None in (passes, bare, model_k0_ms) else 1 + (passes - bare) / model_k0_ms
 
 
 def targets(results: dict, model_topk: int) -> list[dict]:
@@ -542,19 +652,34 @@ def targets(results: dict, model_topk: int) -> list[dict]:
     )
     dense = find(score, variant=SCORE_DENSE)
 
-    def model_ratio(label: str, baseline: str, runtime: str = "pytorch") -> float | None:
-        def row(name):
-            return find(results["models"], runtime=runtime, model=name, batch=1)
+    def model_row(name: str, runtime: str = "pytorch") -> dict | None:
+        return find(results["models"], runtime=runtime, model=name, batch=1)
 
-        return ratio(row(label), row(baseline), "ms")
+    def model_ratio(label: str, baseline: str, runtime: str = "pytorch") -> float | None:
+        return ratio(model_row(label, runtime), model_row(baseline, runtime), "ms")
 
     pst, k, mb = "yolo11n-pst", model_topk, "peak_mb"
     flops = results.get("flops", {})
-    pst_k0 = find(results["models"], runtime="pytorch", model=f"{pst} k=0", batch=1)
+    pst_k0, pt_12n = model_row(f"{pst} k=0"), model_row("yolo12n")
+    ort_k0, ort_12n = model_row(f"{pst} k=0", "onnxruntime"), model_row("yolo12n", "onnxruntime")
+    train_pst, train_12n = find(train, model=pst), find(train, model="yolo12n")
+    bare_sdpa = psa_layers_ms(op, results["imgsz"], "bare sdpa")
     bound_rows = [
         target(
             "bound of the k=0 / YOLO12n ratio: FLOPs YOLO11n-PST / YOLO12n (attention included, equal efficiency)",
             flops[pst] / flops["yolo12n"] if {pst, "yolo12n"} <= set(flops) else None,
+        ),
+        target(
+            "bound of the k=0 / YOLO12n ratio (PyTorch): 1 + bare SDPA at P3 and P4 (op table) / YOLO12n",
+            1 + bare_sdpa / pt_12n["ms"] if bare_sdpa is not None and pt_12n else None,
+        ),
+        target(
+            "bound of the k=0 / YOLO12n ratio (ONNX Runtime): 1 + PSA attention nodes (MatMul, Softmax) / YOLO12n",
+            1 + ort_k0["attention_ms"] / ort_12n["ms"] if ort_k0 and ort_12n else None,
+        ),
+        target(
+            "ceiling of the training ratio: YOLO12n / (YOLO12n + PSA attention kernel forward+backward)",
+            train_12n["ms"] / (train_12n["ms"] + train_pst["attention_ms"]) if train_pst and train_12n else None,
         ),
         target(
             "bound of the fine-attention ratio: 1 + (eq. 2+3 pass - bare SDPA) at P3 and P4 / k=0 model (PyTorch)",
@@ -662,12 +787,14 @@ def markdown_report(results: dict) -> str:
             ("variant", "variant", "s"), ("batch", "batch", "d"), ("ms", "ms", ".1f"), ("peak_mb", "peak MB", ".1f"),
             ("x_dense_mem", "mem x dense", ".3f")]),
         "### Models (fused, eval, random weights)\n\n" + markdown_table(results["models"], [
-            ("runtime", "runtime", "s"), ("model", "model", "s"), ("batch", "batch", "d"), ("ms", "ms", ".1f")]),
+            ("runtime", "runtime", "s"), ("model", "model", "s"), ("batch", "batch", "d"), ("ms", "ms", ".1f"),
+            ("attention_ms", "of which PSA attention nodes ms", ".1f")]),
         "### Training iteration (as Ultralytics' trainer: forward + loss + backward; clip + SGD + EMA every "
         "accumulate iterations)\n\n" + markdown_table(results["train"], [
             ("model", "model", "s"), ("batch", "batch", "d"), ("imgsz", "imgsz", "d"),
             ("forward_backward_ms", "forward+backward ms", ".0f"), ("optimizer_ms", "optimizer step ms", ".0f"),
-            ("accumulate", "accumulate", "d"), ("ms", "ms/iteration", ".0f"), ("images_per_s", "images/s", ".2f")]),
+            ("accumulate", "accumulate", "d"), ("ms", "ms/iteration", ".0f"), ("images_per_s", "images/s", ".2f"),
+            ("attention_ms", "PSA attention kernel fwd+bwd ms", ".0f")]),
     ]  # fmt: skip
     return "\n\n".join(parts) + "\n"
 
