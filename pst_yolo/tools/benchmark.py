@@ -543,21 +543,21 @@ def psa_attention_shapes(model: torch.nn.Module, images: torch.Tensor) -> list[t
 
 
 def attention_forward_backward(shapes: list[tuple[int, int, int, int, int]], device) -> Callable[[], None]:
-    """Forward and backward of the attention kernel a PSA layer trains with (the default backend; autocast on CUDA
-    as in training) at each of ``shapes`` (from :func:`psa_attention_shapes`), on seeded random tensors."""
+    """Forward and backward of the attention kernel a PSA layer trains with (the default backend, in AMP's float16 on
+    CUDA as training runs it) at each of ``shapes`` (from :func:`psa_attention_shapes`), on seeded random tensors."""
     from ..ops import attention, resolve_backend
 
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
     g = torch.Generator().manual_seed(0)
     tensors = []
     for b, h, n, m, d in shapes:
-        q, k, v, grad = (torch.randn(b, h, rows, d, generator=g).to(device) for rows in (n, m, m, n))
+        q, k, v, grad = (torch.randn(b, h, rows, d, generator=g).to(device, dtype) for rows in (n, m, m, n))
         tensors.append((q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), grad))
 
     def run():
         for q, k, v, grad in tensors:
-            with torch.autocast(device.type, enabled=device.type == "cuda"):
-                out, _ = attention(q, k, v, resolve_backend(None, q, kv_len=k.shape[2]))
-            out.backward(grad.to(out.dtype))
+            out, _ = attention(q, k, v, resolve_backend(None, q, kv_len=k.shape[2]))
+            out.backward(grad)
             q.grad = k.grad = v.grad = None
 
     return run
