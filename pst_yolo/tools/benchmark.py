@@ -24,6 +24,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -246,15 +247,24 @@ def bench_op(args, device, dtype, gemm: float) -> list[dict]:
         for shape in op_shapes(imgsz):
             (q, k, v, kf, vf), coarse_hw = psa_inputs(1, shape["heads"], shape["fine_hw"], device, dtype)
             variants = {
-                ("bare sdpa", None): lambda: attention(q, k, v, "sdpa"),
-                (COARSE_PASS, None): lambda: coarse_attention_with_scores(q, k, v, "sdpa"),
+                ("bare sdpa", None): partial(attention, q, k, v, "sdpa"),
+                (COARSE_PASS, None): partial(coarse_attention_with_scores, q, k, v, "sdpa"),
             }
             for backend in usable_backends(args.backends, device, dtype):
                 if backend == "naive" and imgsz > args.naive_max_size:
                     continue
                 for topk in args.topks:
-                    variants[(backend, topk)] = lambda b=backend, t=topk: pyramid_sparse_attention(
-                        q, k, v, kf, vf, shape["fine_hw"], coarse_hw, topk=t, backend=b
+                    variants[(backend, topk)] = partial(
+                        pyramid_sparse_attention,
+                        q,
+                        k,
+                        v,
+                        kf,
+                        vf,
+                        shape["fine_hw"],
+                        coarse_hw,
+                        topk=topk,
+                        backend=backend,
                     )
             with torch.inference_mode():
                 ms = time_round_robin(variants, args.repeats, args.warmup, device, args.clock)
@@ -405,10 +415,10 @@ def onnx_scope(module_name: str) -> str:
 ATTENTION_NODES = ("MatMul", "FusedMatMul", "Softmax")  # q k^T, softmax, p v as ONNX Runtime runs them
 
 
-def onnx_attention_ms(path: Path, scopes: list[str], feed: dict, threads: int, runs: int) -> float:
-    """Median ms per run that ONNX Runtime spends in the attention nodes (``ATTENTION_NODES``) inside ``scopes``:
-    the q k^T, softmax and p v of the exported PSA layers (their convs are Conv nodes). From ORT's profiler, over
-    ``runs`` runs after one left out."""
+def onnx_attention_share(path: Path, scopes: list[str], feed: dict, threads: int, runs: int) -> float:
+    """Median share of an ONNX Runtime run spent in the attention nodes (``ATTENTION_NODES``) inside ``scopes``: the
+    q k^T, softmax and p v of the exported PSA layers (their convs are Conv nodes). From ORT's profiler, over ``runs``
+    runs after one left out; a share, so that a slower profiled session does not inflate it."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -423,15 +433,17 @@ def onnx_attention_ms(path: Path, scopes: list[str], feed: dict, threads: int, r
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["name"].startswith(tuple(scopes))
         and e["args"].get("op_name") in ATTENTION_NODES
     ]  # fmt: skip
-    per_run = [sum(e["dur"] for e in nodes if start <= e["ts"] <= end) / 1e3 for start, end in spans]
-    return statistics.median(per_run)
+    return statistics.median(
+        sum(e["dur"] for e in nodes if start <= e["ts"] <= end) / (end - start) for start, end in spans
+    )
 
 
 def bench_models_onnx(args, variants: dict) -> list[dict]:
     """ONNX Runtime CPU latency of each default-backend variant (exported at top-k 0 / ``model_topk`` separately).
 
-    For PST models at top-k 0 the row also gives ``attention_ms``: the time of the PSA layers' attention nodes
-    (:func:`onnx_attention_ms`), what the k=0 graph must spend beyond a model without those layers.
+    For PST models at top-k 0 the row also gives ``attention_ms``: the time of the PSA layers' attention nodes (their
+    share of a run, :func:`onnx_attention_share`, times the timed latency), what the k=0 graph must spend beyond a
+    model without those layers.
     """
     import numpy as np
     import onnxruntime as ort
@@ -450,14 +462,15 @@ def bench_models_onnx(args, variants: dict) -> list[dict]:
                 paths[label] = export_onnx(model.cpu(), k, x, Path(tmp) / f"model{i}-b{batch}.onnx")
                 sessions[label] = ort.InferenceSession(str(paths[label]), options, providers=["CPUExecutionProvider"])
             feed = {"images": x.numpy().astype(np.float32)}
-            calls = {label: lambda s=s: s.run(None, feed) for label, s in sessions.items()}
+            calls = {label: partial(session.run, None, feed) for label, session in sessions.items()}
             ms = time_round_robin(calls, args.repeats, args.warmup, torch.device("cpu"), args.clock)
             for label, t in ms.items():
                 row = {"runtime": "onnxruntime", "model": label, "batch": batch, "ms": t}
                 model, k, _ = variants[label]
                 if k == 0:
                     scopes = [onnx_scope(n) for n, m in model.named_modules() if isinstance(m, PSAttn)]
-                    row["attention_ms"] = onnx_attention_ms(paths[label], scopes, feed, args.threads, args.repeats)
+                    share = onnx_attention_share(paths[label], scopes, feed, args.threads, args.repeats)
+                    row["attention_ms"] = share * t
                 rows.append(row)
             print(f"onnxruntime batch {batch}: " + ", ".join(f"{label}: {t:.1f} ms" for label, t in ms.items()))
     return rows
@@ -613,16 +626,18 @@ def target(name: str, value: float | None, sign: str | None = None, limit: float
     return {"name": name, "value": value, "target": None if limit is None else f"{sign} {limit}", "met": met}
 
 
-def model_flops(names: tuple[str, ...], imgsz: int) -> dict[str, float]:
-    """GFLOPs of one (1, 3, imgsz, imgsz) forward of each model at top-k 0, attention matmuls included."""
+def model_flops(variants: dict, names: tuple[str, ...], imgsz: int) -> dict[str, float]:
+    """GFLOPs of one (1, 3, imgsz, imgsz) forward at top-k 0 of the timed models ``names`` (labels of
+    :func:`model_variants` without " k=0"), attention matmuls included."""
     from ..nn import set_topk
     from .model_sizes import all_flops
 
     flops = {}
-    for name in names:
-        model = build_model(name, torch.device("cpu"))
-        set_topk(model, 0)
-        flops[name] = all_flops(model, imgsz) / 1e9
+    for label, (model, k, _) in variants.items():
+        name = label.removesuffix(" k=0")
+        if name in names and k in (None, 0):
+            set_topk(model, 0)
+            flops[name] = all_flops(model.cpu(), imgsz) / 1e9
     return flops
 
 
@@ -847,9 +862,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_onnx and importlib.util.find_spec("onnxruntime") is not None:
         results["models"] += bench_models_onnx(args, variants)
     results["train"] = bench_train(args, device)
-    results["flops"] = model_flops(
-        tuple(name for name in ("yolo12n", "yolo11n-pst") if name in args.models), args.imgsz
-    )
+    results["flops"] = model_flops(variants, ("yolo12n", "yolo11n-pst"), args.imgsz)
     results["targets"] = targets(results, args.model_topk)
     for t in results["targets"]:
         value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
