@@ -7,6 +7,7 @@ import torch
 
 from pst_yolo.ops import coarse_key_scores, pyramid_sparse_attention, select_fine_tokens
 from pst_yolo.ops.backends import unusable_reason
+from pst_yolo.ops.statistics import pointwise_conv_moments
 
 SHAPES = [  # (B, heads, (H, W), (Hu, Wu))
     (1, 1, (8, 8), (4, 4)),
@@ -155,3 +156,17 @@ def test_bad_shapes_and_topk_rejected():
         pyramid_sparse_attention(q, k, v, k_fine, v_fine, (8, 8), (4, 4), topk=-1)
     with pytest.raises(ValueError, match="attention backend must be one of"):
         pyramid_sparse_attention(q, k, v, k_fine, v_fine, (8, 8), (4, 4), backend="cudnn")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pointwise_conv_moments_equal_the_conv_outputs_statistics(dtype):
+    """Mean and unbiased variance per output channel, as BatchNorm tracks them, from the input's moments alone."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 5, 7, 9, generator=g) * torch.linspace(0.5, 4, 5)[:, None, None] + 2).to(dtype)
+    weight = torch.randn(10, 5, 1, 1, generator=g).to(dtype)
+    y = torch.nn.functional.conv2d(x.double(), weight.double())
+    var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=1)
+    got_mean, got_var = pointwise_conv_moments(x, weight)
+    assert got_mean.dtype == got_var.dtype == torch.float32
+    torch.testing.assert_close(got_mean.double(), mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_var.double(), var, rtol=1e-5, atol=1e-5)
