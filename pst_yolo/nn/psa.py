@@ -126,12 +126,8 @@ class PSAttn(nn.Module):
         bn = getattr(self.kv, "bn", None)
         if bn is None:  # kv was fused by Ultralytics: fold_fine_norm() ran first
             return self.kv(x) * self.fine_kv_scale[:, None, None] + self.fine_kv_shift[:, None, None]
+        self.track_fine_statistics(x)
         y = self.kv.conv(x)  # (B, 2C, H, W)
-        if self._tracks_fine_statistics():
-            with torch.no_grad():  # the batch mean and unbiased variance, as BN keeps them, from BN's own kernel
-                mean, var = y.new_zeros(y.shape[1], dtype=torch.float32), y.new_ones(y.shape[1], dtype=torch.float32)
-                F.batch_norm(y.detach().float(), mean, var, training=True, momentum=1.0)
-            self._update_fine_statistics(mean, var)
         if bn.training or bn.running_mean is None:  # batch statistics, where nn.BatchNorm2d uses them
             return F.batch_norm(y, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
         return F.batch_norm(y, self.fine_kv_mean, self.fine_kv_var, bn.weight, bn.bias, False, 0.0, bn.eps)
@@ -165,28 +161,20 @@ class PSAttn(nn.Module):
         )
 
     def track_fine_statistics(self, x: torch.Tensor) -> None:
-        """Update the fine-map BN statistics of the shared K/V conv from x (B, C, H, W); no gradient.
+        """Fold the batch statistics of the shared K/V conv on the fine map x (B, C, H, W) into the fine running
+        statistics; no gradient.
 
-        The conv's output statistics come from x's moments (:func:`pointwise_conv_moments`), not from the conv's
-        (B, 2C, H, W) output, which nothing else needs when the fine branch is off.
+        The batch mean and unbiased variance come from x's moments (:func:`pointwise_conv_moments`), not from the
+        conv's (B, 2C, H, W) output. Mirrors ``nn.BatchNorm2d`` in training: kv's BN has already counted this batch in
+        ``num_batches_tracked`` (the upper map went through it first), so ``momentum=None`` gives the cumulative
+        average 1/n, and n == 1 (a fresh start or the first batch after ``reset_running_stats()``) restarts from mean
+        0, variance 1. Tensor ops only: no GPU sync. Nothing happens when kv's BN is in eval mode or keeps no running
+        statistics.
         """
-        if self._tracks_fine_statistics():
-            self._update_fine_statistics(*pointwise_conv_moments(x, self.kv.conv.weight))
-
-    def _tracks_fine_statistics(self) -> bool:
-        """Whether kv's BN updates running statistics now (training, tracking, not fused away)."""
-        bn = getattr(self.kv, "bn", None)
-        return bn is not None and bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
-
-    def _update_fine_statistics(self, mean: torch.Tensor, var: torch.Tensor) -> None:
-        """Fold one batch's mean and unbiased variance (2C,) of the fine K/V conv output into the running ones.
-
-        Mirrors ``nn.BatchNorm2d`` in training: kv's BN has already counted this batch in ``num_batches_tracked`` (the
-        upper map went through it first), so ``momentum=None`` gives the cumulative average 1/n, and n == 1 (a fresh
-        start or the first batch after ``reset_running_stats()``) restarts from mean 0, variance 1. Tensor ops only:
-        no GPU sync. Callers check :meth:`_tracks_fine_statistics` first.
-        """
+        if not self._tracks_fine_statistics():
+            return
         bn = self.kv.bn
+        mean, var = pointwise_conv_moments(x, self.kv.conv.weight)
         with torch.no_grad():
             count = bn.num_batches_tracked
             restart = count == 1  # () bool
@@ -197,6 +185,11 @@ class PSAttn(nn.Module):
                 factor = factor.to(self.fine_kv_mean.dtype)
             self.fine_kv_mean.lerp_(mean.to(self.fine_kv_mean.dtype), factor)
             self.fine_kv_var.lerp_(var.to(self.fine_kv_var.dtype), factor)
+
+    def _tracks_fine_statistics(self) -> bool:
+        """Whether kv's BN updates running statistics now (training, tracking, not fused away)."""
+        bn = getattr(self.kv, "bn", None)
+        return bn is not None and bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
 
     def forward(self, x: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """Attend from x (B, C, H, W) to up (B, C, ceil(H/2), ceil(W/2)); returns (B, C, H, W)."""
