@@ -72,8 +72,13 @@ def test_quick_run_writes_every_table(tmp_path):
     (ort_k0,) = [r for r in saved["models"] if r["runtime"] == "onnxruntime" and r["model"] == "yolo11n-pst k=0"]
     assert 0 < ort_k0["attention_ms"] < ort_k0["ms"]
     train = {r["model"]: r for r in saved["train"]}
-    assert 0 < train["yolo11n-pst"]["attention_ms"] < train["yolo11n-pst"]["ms"]
-    assert train["yolo12n"]["attention_ms"] is None
+    pst_train = train["yolo11n-pst"]
+    assert 0 < pst_train["attention_ms"] < pst_train["ms"] and 0 < pst_train["convs_ms"] < pst_train["ms"]
+    assert 0 < pst_train["replaced_layers_ms"] < pst_train["ms"]
+    assert train["yolo12n"]["attention_ms"] is None and train["yolo12n"]["convs_ms"] is None
+    assert train["yolo12n"]["replaced_layers"] == pst_train["replaced_layers"] == "11, 14"
+    assert 0 < train["yolo12n"]["replaced_layers_ms"] < train["yolo12n"]["ms"]
+    assert all(r["page_faults"] is None or r["page_faults"] >= 0 for r in train.values())
     bounds = [t for t in saved["targets"] if t["name"].startswith(("bound of", "ceiling of"))]
     assert len(bounds) == 5 and all(t["value"] > 0 for t in bounds), bounds
     for r in saved["train"]:  # the trainer's accumulate = round(nbs 64 / batch 2): one optimizer step per 32

@@ -75,6 +75,36 @@ def test_gradients_reach_every_training_parameter():
     assert not missing, f"no gradient for {missing}"
 
 
+def test_training_cpe_runs_channels_last_with_channels_first_results():
+    """On the CPU with gradients the CPE conv runs channels-last (a faster backward); output and every gradient match
+    the channels-first conv to fp32 rounding, and the returned map is channels-first."""
+    torch.manual_seed(0)
+    attn = PSAttn(64, 2).train()
+    v = torch.randn(3, 64, 7, 5, requires_grad=True)
+    seen = []
+    hook = attn.pe.conv.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
+    cpe = attn.positional_encoding(v)
+    hook.remove()
+    assert seen == [False] and cpe.is_contiguous(), "channels-last inside, channels-first out"
+    grad = torch.randn_like(cpe)
+    (cpe * grad).sum().backward()
+    got = [v.grad] + [p.grad for p in attn.pe.parameters()]
+    v_ref = v.detach().clone().requires_grad_()
+    attn.zero_grad()
+    reference = attn.pe(v_ref)  # channels-first
+    (reference * grad).sum().backward()
+    expected = [v_ref.grad] + [p.grad for p in attn.pe.parameters()]
+    torch.testing.assert_close(cpe, reference, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # inference keeps channels-first
+        seen.clear()
+        hook = attn.pe.conv.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
+        attn.positional_encoding(v)
+        hook.remove()
+    assert seen == [True]
+
+
 def test_fine_in_training_trains_the_fine_branch():
     torch.manual_seed(0)
     module = PST(48, 80, 64, k=4, fine_in_training=True, gate=True).train()

@@ -42,7 +42,7 @@ def make_imagenet(root: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("name", [*TRAIN_VAL, "reproduce_tables.py"])
+@pytest.mark.parametrize("name", [*TRAIN_VAL, "reproduce_tables.py", "cpe_layout.py"])
 def test_help(name, tmp_path):
     result = run_script(name, "--help", tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
