@@ -34,7 +34,7 @@ from export_formats import (  # scripts/export_formats.py, next to this file
     write_results,
 )
 
-from pst_yolo.tools.calibration import max_abs_diff, reference_model
+from pst_yolo.tools.calibration import max_abs_diff, openvino_compile_config, reference_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -126,27 +126,6 @@ def autobackend_reach(path: Path) -> dict:
         reach["inside openvino_compile_config(INFERENCE_NUM_THREADS=1)"] = compiled_threads()
     print(f"[openvino-precision] AutoBackend's compiled INFERENCE_NUM_THREADS: {reach}", flush=True)
     return reach
-
-
-@contextlib.contextmanager
-def openvino_compile_config(**extra):
-    """Add ``extra`` properties to every ``openvino.Core.compile_model`` call inside the block.
-
-    Ultralytics' AutoBackend builds its own ``ov.Core()`` and compiles with ``{"PERFORMANCE_HINT": "LATENCY"}``
-    (f32 forced only on Windows and Linux ARM64), so a property set on another Core does not reach it.
-    """
-    import openvino as ov
-
-    original = ov.Core.compile_model
-
-    def compile_model(self, model, device_name=None, config=None, **kwargs):
-        return original(self, model, device_name, {**(config or {}), **extra}, **kwargs)
-
-    ov.Core.compile_model = compile_model
-    try:
-        yield
-    finally:
-        ov.Core.compile_model = original
 
 
 @contextlib.contextmanager

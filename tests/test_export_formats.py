@@ -10,6 +10,7 @@ come with the ``export`` extra; a test whose package is missing is skipped and s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -31,6 +32,8 @@ from export_helpers import (
 )
 from ultralytics import YOLO
 from ultralytics.utils import ASSETS
+
+from pst_yolo.tools.calibration import openvino_compile_config
 
 IMGSZ = 160  # every PSA map keeps more than k = 8 coarse tokens (P5: 5x5)
 ATOL = 1e-4  # fp32; boxes in units of the input size
@@ -181,18 +184,30 @@ def test_runtime_matches_torch(exported, references, image, fmt, k):
 
 @pytest.mark.parametrize("fmt, k", PREDICT_CASES)
 def test_predictor_gives_torch_boxes(exported, checkpoint, fmt, k):
-    """``YOLO(exported).predict(bus.jpg)`` finds the boxes ``YOLO(best.pt).predict`` finds at the same top-k."""
+    """``YOLO(exported).predict(bus.jpg)`` finds the boxes ``YOLO(best.pt).predict`` finds at the same top-k.
+
+    The calibrated random model scores every one of its 525 anchors above 0.5, so at conf 0.5 NMS and the 300-box cap
+    pick among near-ties and fp32 rounding (it differs between CPUs) reorders them. At conf 0.6, 11 boxes pass at k=0
+    and 35 at k=8, and no anchor's score lies within 2e-4 of the threshold. Boxes are matched by position, so two
+    near-equal scores listed in the other order do not fail the test.
+    """
     require(fmt)
-    kwargs = {"imgsz": IMGSZ, "conf": 0.5, "rect": False, "verbose": False}  # square letterbox, as the static export
+    kwargs = {"imgsz": IMGSZ, "conf": 0.6, "rect": False, "verbose": False}  # square letterbox, as the static export
     source = str(ASSETS / IMAGES[0])
     with topk_override(k):
         ours = YOLO(str(checkpoint)).predict(source, **kwargs)[0].boxes
-    theirs = YOLO(str(exported(fmt, k)), task="detect").predict(source, **kwargs)[0].boxes
+    # fp32 in OpenVINO too: on CPUs with native bf16 its default precision is bf16 (docs/EXPORT.md)
+    f32 = openvino_compile_config(INFERENCE_PRECISION_HINT="f32") if fmt == "openvino" else contextlib.nullcontext()
+    with f32:
+        theirs = YOLO(str(exported(fmt, k)), task="detect").predict(source, **kwargs)[0].boxes
     assert len(ours) > 0
     assert len(ours) == len(theirs)
-    np.testing.assert_array_equal(ours.cls.numpy(), theirs.cls.numpy())
-    np.testing.assert_allclose(ours.xyxy.numpy(), theirs.xyxy.numpy(), atol=0.05)  # pixels of the 810x1080 image
-    np.testing.assert_allclose(ours.conf.numpy(), theirs.conf.numpy(), atol=1e-4)
+    distance = np.abs(ours.xyxy.numpy()[:, None] - theirs.xyxy.numpy()[None]).max(-1)  # (ours, theirs) pixels
+    match = distance.argmin(1)
+    assert sorted(match) == list(range(len(theirs))), "each box must have its own counterpart"
+    np.testing.assert_array_equal(ours.cls.numpy(), theirs.cls.numpy()[match])
+    np.testing.assert_allclose(ours.xyxy.numpy(), theirs.xyxy.numpy()[match], atol=0.05)  # pixels of the 810x1080 image
+    np.testing.assert_allclose(ours.conf.numpy(), theirs.conf.numpy()[match], atol=1e-4)
 
 
 def test_yolo_cli_exports_checkpoint_topk(checkpoint, references, image, workdir):

@@ -8,10 +8,11 @@ statistics too) to those of a given batch, after which the fine attention moves 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 BUNDLED_IMAGES = ("bus.jpg", "zidane.jpg")  # Ultralytics' own assets: no download
 
@@ -91,3 +92,30 @@ def max_abs_diff(reference, output, task: str, size: int) -> float:
     if task == "detect":
         diff[:, :4] /= size
     return float(diff.max())
+
+
+@contextlib.contextmanager
+def openvino_compile_config(**extra):
+    """Add ``extra`` properties to every ``openvino.Core.compile_model`` call inside the block.
+
+    Ultralytics' AutoBackend builds its own ``ov.Core()`` and compiles with ``{"PERFORMANCE_HINT": "LATENCY"}``
+    (f32 forced only on Windows and Linux ARM64), so a property set on another Core does not reach it. On CPUs with
+    native bf16 OpenVINO's default precision is bf16; ``INFERENCE_PRECISION_HINT="f32"`` makes ``YOLO(<openvino
+    dir>)`` match fp32 PyTorch (docs/EXPORT.md, "OpenVINO").
+
+    Example:
+        >>> with openvino_compile_config(INFERENCE_PRECISION_HINT="f32"):  # doctest: +SKIP
+        ...     results = YOLO("best_openvino_model/").val(data="data.yaml")
+    """
+    import openvino as ov
+
+    original = ov.Core.compile_model
+
+    def compile_model(self, model, device_name=None, config=None, **kwargs):
+        return original(self, model, device_name, {**(config or {}), **extra}, **kwargs)
+
+    ov.Core.compile_model = compile_model
+    try:
+        yield
+    finally:
+        ov.Core.compile_model = original
