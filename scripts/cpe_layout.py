@@ -1,10 +1,10 @@
 """Training cost of the CPE conv (7x7 depthwise Conv + BN) on the CPU, channels-first against channels-last.
 
 PSAttn runs its CPE conv channels-last where the backward runs on the CPU (``PSAttn.positional_encoding``). This
-times forward + backward of one Ultralytics ``Conv(C, C, 7, g=C, act=False)`` at the coarse V maps YOLO11n-PST's PSA
-layers train with (batch 8 at 320: P3 32x20x20, P4 64x10x10; batch 16 at 640: 32x40x40, 64x20x20), both ways, as
-PSAttn runs them (channels-last: a copy in, the conv, a copy back out), in interleaved rounds: medians of process CPU
-time with 1 thread, of wall time with more.
+times forward + backward of a PSAttn's CPE conv (Ultralytics ``Conv(C, C, 7, g=C, act=False)``) at the coarse V maps
+YOLO11n-PST's PSA layers train with (batch 8 at 320: P3 32x20x20, P4 64x10x10; batch 16 at 640: 32x40x40, 64x20x20):
+called directly (channels-first) and through ``positional_encoding`` (channels-last: a copy in, the conv, a copy back
+out), in interleaved rounds: medians of process CPU time with 1 thread, of wall time with more.
 
     python scripts/cpe_layout.py                # 1 thread
     python scripts/cpe_layout.py --threads 2
@@ -13,20 +13,19 @@ time with 1 thread, of wall time with more.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from functools import partial
 
 import torch
-from ultralytics.nn.modules import Conv
 
+from pst_yolo.nn.psa import HEAD_DIM, PSAttn
 from pst_yolo.tools.benchmark import time_round_robin
 
 SHAPES = ((8, 32, 20, 20), (8, 64, 10, 10), (16, 32, 40, 40), (16, 64, 20, 20))  # (B, C, Hu, Wu)
 
 
-def forward_backward(conv: Conv, v: torch.Tensor, grad: torch.Tensor, channels_last: bool) -> None:
-    x = v.contiguous(memory_format=torch.channels_last) if channels_last else v
-    out = conv(x)
-    (out.contiguous() if channels_last else out).backward(grad)
+def forward_backward(cpe: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor, grad: torch.Tensor) -> None:
+    cpe(v).backward(grad)
 
 
 def main() -> None:
@@ -42,10 +41,12 @@ def main() -> None:
     )
     print("|---|---|---|---|")
     for shape in SHAPES:
-        conv = Conv(shape[1], shape[1], 7, g=shape[1], act=False).train()
+        attn = PSAttn(shape[1], shape[1] // HEAD_DIM).train()
         v = torch.randn(shape, generator=g).requires_grad_()
         grad = torch.randn(shape, generator=g)
-        calls = {layout: partial(forward_backward, conv, v, grad, layout == "last") for layout in ("first", "last")}
+        # positional_encoding goes channels-last: v requires grad and lives on the CPU
+        calls = {"first": partial(forward_backward, attn.pe, v, grad),
+                 "last": partial(forward_backward, attn.positional_encoding, v, grad)}  # fmt: skip
         ms = time_round_robin(calls, args.rounds, 3, torch.device("cpu"), clock)
         print(
             f"| {', '.join(map(str, shape))} | {ms['first']:.2f} | {ms['last']:.2f} | {ms['first'] / ms['last']:.2f} |"

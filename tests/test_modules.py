@@ -81,10 +81,9 @@ def test_training_cpe_runs_channels_last_with_channels_first_results():
     torch.manual_seed(0)
     attn = PSAttn(64, 2).train()
     v = torch.randn(3, 64, 7, 5, requires_grad=True)
-    seen = []
-    hook = attn.pe.conv.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
+    seen = []  # whether the conv's input is channels-first, per call
+    attn.pe.conv.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
     cpe = attn.positional_encoding(v)
-    hook.remove()
     assert seen == [False] and cpe.is_contiguous(), "channels-last inside, channels-first out"
     grad = torch.randn_like(cpe)
     (cpe * grad).sum().backward()
@@ -92,17 +91,15 @@ def test_training_cpe_runs_channels_last_with_channels_first_results():
     v_ref = v.detach().clone().requires_grad_()
     attn.zero_grad()
     reference = attn.pe(v_ref)  # channels-first
+    assert seen == [False, True]
     (reference * grad).sum().backward()
     expected = [v_ref.grad] + [p.grad for p in attn.pe.parameters()]
     torch.testing.assert_close(cpe, reference, rtol=1e-5, atol=1e-5)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     with torch.no_grad():  # inference keeps channels-first
-        seen.clear()
-        hook = attn.pe.conv.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
         attn.positional_encoding(v)
-        hook.remove()
-    assert seen == [True]
+    assert seen == [False, True, True]
 
 
 def test_fine_in_training_trains_the_fine_branch():
