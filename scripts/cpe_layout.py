@@ -1,10 +1,15 @@
-"""Training cost of the CPE conv (7x7 depthwise Conv + BN) on the CPU, channels-first against channels-last.
+"""Cost of the CPE (7x7 depthwise Conv + BN, then a bilinear resize to the fine size) on the CPU, channels-first
+against channels-last.
 
-PSAttn runs its CPE conv channels-last where the backward runs on the CPU (``PSAttn.positional_encoding``). This
-times forward + backward of a PSAttn's CPE conv (Ultralytics ``Conv(C, C, 7, g=C, act=False)``) at the coarse V maps
-YOLO11n-PST's PSA layers train with (batch 8 at 320: P3 32x20x20, P4 64x10x10; batch 16 at 640: 32x40x40, 64x20x20):
-called directly (channels-first) and through ``positional_encoding`` (channels-last: a copy in, the conv, a copy back
-out), in interleaved rounds: medians of process CPU time with 1 thread, of wall time with more.
+PSAttn runs its CPE channels-last on the CPU (``PSAttn.positional_encoding``: a copy of the coarse V map in, the
+conv and the resize, a copy of the result out whose backward hands the gradient back channels-last). This times it
+against the same conv and resize channels-first, as the authors' code runs them, at the maps of YOLO11n-PST's PSA
+layers (P3 C'=32, P4 C'=64):
+
+- training, forward + backward, in train mode: batch 8 at 320 (the benchmark's training step), batch 16 at 640;
+- inference, forward only under no_grad, in eval mode: batch 1 at 640.
+
+Interleaved rounds: medians of process CPU time with 1 thread, of wall time with more.
 
     python scripts/cpe_layout.py                # 1 thread
     python scripts/cpe_layout.py --threads 2
@@ -13,19 +18,36 @@ out), in interleaved rounds: medians of process CPU time with 1 thread, of wall 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 
 from pst_yolo.nn.psa import HEAD_DIM, PSAttn
 from pst_yolo.tools.benchmark import time_round_robin
 
-SHAPES = ((8, 32, 20, 20), (8, 64, 10, 10), (16, 32, 40, 40), (16, 64, 20, 20))  # (B, C, Hu, Wu)
+SHAPES = (  # (pass, (B, C, Hu, Wu)); the fine map is 2Hu x 2Wu
+    ("train", (8, 32, 20, 20)),
+    ("train", (8, 64, 10, 10)),
+    ("train", (16, 32, 40, 40)),
+    ("train", (16, 64, 20, 20)),
+    ("infer", (1, 32, 40, 40)),
+    ("infer", (1, 64, 20, 20)),
+)
 
 
-def forward_backward(cpe: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor, grad: torch.Tensor) -> None:
-    cpe(v).backward(grad)
+def channels_first_cpe(attn: PSAttn, v: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The CPE conv and resize in v's channels-first layout."""
+    return F.interpolate(attn.pe(v), size=size, mode="bilinear", align_corners=False)
+
+
+def run(cpe, attn: PSAttn, v: torch.Tensor, grad: torch.Tensor | None) -> None:
+    size = grad.shape[2:] if grad is not None else (2 * v.shape[2], 2 * v.shape[3])
+    if grad is None:
+        with torch.no_grad():
+            cpe(attn, v, size)
+    else:
+        cpe(attn, v, size).backward(grad)
 
 
 def main() -> None:
@@ -36,21 +58,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     clock = "cpu" if args.threads == 1 else "wall"
     g = torch.Generator().manual_seed(0)
-    print(
-        f"| B, C, H, W | channels-first ms | channels-last ms | speed-up |  ({args.threads} thread(s), {clock} clock)"
-    )
-    print("|---|---|---|---|")
-    for shape in SHAPES:
-        attn = PSAttn(shape[1], shape[1] // HEAD_DIM).train()
-        v = torch.randn(shape, generator=g).requires_grad_()
-        grad = torch.randn(shape, generator=g)
-        # positional_encoding goes channels-last: v requires grad and lives on the CPU
-        calls = {"first": partial(forward_backward, attn.pe, v, grad),
-                 "last": partial(forward_backward, attn.positional_encoding, v, grad)}  # fmt: skip
+    print(f"({args.threads} thread(s), {clock} clock)\n")
+    print("| pass | B, C, Hu, Wu | channels-first ms | channels-last ms | speed-up |")
+    print("|---|---|---|---|---|")
+    for mode, shape in SHAPES:
+        B, C, Hu, Wu = shape
+        attn = PSAttn(C, C // HEAD_DIM).train(mode == "train")
+        v = torch.randn(shape, generator=g).requires_grad_(mode == "train")
+        grad = torch.randn(B, C, 2 * Hu, 2 * Wu, generator=g) if mode == "train" else None
+        calls = {"first": partial(run, channels_first_cpe, attn, v, grad),
+                 "last": partial(run, PSAttn.positional_encoding, attn, v, grad)}  # fmt: skip
         ms = time_round_robin(calls, args.rounds, 3, torch.device("cpu"), clock)
-        print(
-            f"| {', '.join(map(str, shape))} | {ms['first']:.2f} | {ms['last']:.2f} | {ms['first'] / ms['last']:.2f} |"
-        )
+        label = "forward + backward" if mode == "train" else "forward"
+        print(f"| {label} | {B}, {C}, {Hu}, {Wu} | {ms['first']:.2f} | {ms['last']:.2f} | {ms['first'] / ms['last']:.2f} |")
 
 
 if __name__ == "__main__":

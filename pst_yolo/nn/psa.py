@@ -9,6 +9,7 @@ from ultralytics.nn.modules import Conv
 
 from ..ops import BACKENDS, FineProjection, pyramid_sparse_attention_parts
 from ..ops.backends import is_exporting
+from ..ops.layout import channels_first
 from ..ops.statistics import pointwise_conv_moments
 from ..validation import check_bool, check_choice, check_int, check_number, check_shape, check_tensor
 
@@ -223,16 +224,18 @@ class PSAttn(nn.Module):
             else:
                 out = out + out_fine  # eq. 6
         out = out.transpose(-1, -2).reshape(B, C, H, W)
-        cpe = F.interpolate(self.positional_encoding(kv[:, C:]), size=(H, W), mode="bilinear", align_corners=False)
-        return self.proj(out + cpe)  # cpe: (B, C, H, W)
+        return self.proj(out + self.positional_encoding(kv[:, C:], (H, W)))
 
-    def positional_encoding(self, v: torch.Tensor) -> torch.Tensor:
-        """CPE of the coarse V map v (B, C, Hu, Wu): 7x7 depthwise conv + BN, returned channels-first (B, C, Hu, Wu).
+    def positional_encoding(self, v: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """CPE of the coarse V map v (B, C, Hu, Wu): 7x7 depthwise conv + BN, resized bilinearly to ``size`` (H, W);
+        returns (B, C, H, W) channels-first.
 
-        Where its backward runs on the CPU the conv runs channels-last: PyTorch's CPU depthwise conv trains 1.3-2.4x
-        faster in that layout (forward + backward, 1 and 2 threads, DESIGN.md); inference and other devices keep
-        channels-first. The result is the same to fp32 rounding.
+        On the CPU the conv and the resize run channels-last (a copy of v in, one of the result out, whose backward
+        hands the gradient back channels-last): PyTorch's CPU depthwise conv and bilinear resize run several times
+        faster in that layout, forward and backward (``scripts/cpe_layout.py``, DESIGN.md). Other devices and export
+        graphs keep channels-first. The result is the same to fp32 rounding.
         """
-        if v.device.type == "cpu" and torch.is_grad_enabled() and v.requires_grad:
-            return self.pe(v.contiguous(memory_format=torch.channels_last)).contiguous()
-        return self.pe(v)
+        if v.device.type != "cpu" or is_exporting():
+            return F.interpolate(self.pe(v), size=size, mode="bilinear", align_corners=False)
+        cpe = self.pe(v.contiguous(memory_format=torch.channels_last))
+        return channels_first(F.interpolate(cpe, size=size, mode="bilinear", align_corners=False))
