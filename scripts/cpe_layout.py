@@ -70,7 +70,9 @@ def main() -> None:
                  "last": partial(run, PSAttn.positional_encoding, attn, v, grad)}  # fmt: skip
         ms = time_round_robin(calls, args.rounds, 3, torch.device("cpu"), clock)
         label = "forward + backward" if mode == "train" else "forward"
-        print(f"| {label} | {B}, {C}, {Hu}, {Wu} | {ms['first']:.2f} | {ms['last']:.2f} | {ms['first'] / ms['last']:.2f} |")
+        print(
+            f"| {label} | {B}, {C}, {Hu}, {Wu} | {ms['first']:.2f} | {ms['last']:.2f} | {ms['first'] / ms['last']:.2f} |"
+        )
 
 
 if __name__ == "__main__":
