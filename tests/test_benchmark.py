@@ -1,6 +1,7 @@
 """Benchmark suite: its measuring tools, and a smoke run of every section with tiny settings (no timed assertions)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -87,9 +88,25 @@ def test_quick_run_writes_every_table(tmp_path):
     assert saved["score_step"][0]["variant"] == "dense N x M softmax"
     report = (tmp_path / "bench.md").read_text()
     assert "### Targets and ratios" in report and "yolo11n-pst k=8" in report
+    assert len(saved["train_processes"]) == 1 and "each process the training section ran in" in report
     assert (tmp_path / "bench.png").stat().st_size > 0
 
 
 def test_cli_dispatches_bench():
     result = subprocess.run([sys.executable, "-m", "pst_yolo", "bench", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--model-batches" in result.stdout
+
+
+@pytest.mark.slow
+def test_training_section_reports_the_median_of_fresh_processes():
+    """Three fresh processes, one after the other: every ratio is reported and the rows are the median process's."""
+    from pst_yolo.tools.benchmark import bench_train_in_processes, parse_args, training_ratio
+
+    args = parse_args(["--quick", "--train-processes", "3", "--threads", "1"])
+    rows, spread = bench_train_in_processes(args, CPU)
+    ratios = [run["ratio"] for run in spread]
+    assert len(ratios) == 3 and all(r > 0 for r in ratios)
+    assert len({run["pid"] for run in spread} | {os.getpid()}) == 4, "each in a fresh process"
+    assert all(run["ceiling"] > 0 for run in spread)
+    assert training_ratio(rows) == sorted(ratios)[1]
+    assert {r["model"] for r in rows} == {"yolo12n", "yolo11n-pst"}
