@@ -47,3 +47,18 @@ def ort_output(path: str | Path, x: torch.Tensor) -> np.ndarray:
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def assert_same_boxes(ours, theirs, xyxy_atol: float, conf_atol: float) -> None:
+    """Ultralytics ``Boxes`` of one image from two runtimes: the same boxes, matched by position (two near-equal scores
+    may be listed in either order), with the same class, corners within ``xyxy_atol`` pixels and scores within
+    ``conf_atol``."""
+    assert len(ours) == len(theirs)
+    if not len(ours):
+        return
+    distance = np.abs(ours.xyxy.numpy()[:, None] - theirs.xyxy.numpy()[None]).max(-1)  # (ours, theirs) pixels
+    match = distance.argmin(1)
+    assert sorted(match) == list(range(len(theirs))), "each box must have its own counterpart"
+    np.testing.assert_array_equal(ours.cls.numpy(), theirs.cls.numpy()[match])
+    np.testing.assert_allclose(ours.xyxy.numpy(), theirs.xyxy.numpy()[match], atol=xyxy_atol)
+    np.testing.assert_allclose(ours.conf.numpy(), theirs.conf.numpy()[match], atol=conf_atol)

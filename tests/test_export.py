@@ -22,6 +22,7 @@ import pytest
 import torch
 from export_helpers import (
     IMAGES,
+    assert_same_boxes,
     calibrated_checkpoint,
     letterboxed,
     max_abs_diff,
@@ -194,19 +195,21 @@ def test_dynamic_onnx_k_independent_of_export_size(detect_pt, exported):
 
 
 def test_predict_onnx_gives_pt_boxes(detect_pt, exported):
-    """``YOLO(best.onnx).predict`` (dynamic graph, rectangular letterbox) finds the boxes ``YOLO(best.pt)`` finds."""
+    """``YOLO(best.onnx).predict`` (dynamic graph, rectangular letterbox) finds the boxes ``YOLO(best.pt)`` finds.
+
+    The calibrated random model scores 738 of bus.jpg's 2100 anchors above 0.6, so at conf 0.6 NMS and the 300-box cap
+    pick among near-ties, whose order fp32 rounding decides. At conf 0.75, 14 boxes pass and no anchor's score lies
+    within 8e-4 of the threshold; boxes are matched by position.
+    """
     path = exported(detect_pt, 8, imgsz=IMGSZ, dynamic=True, simplify=True)
     sources = [str(ASSETS / n) for n in IMAGES]
-    kwargs = {"imgsz": IMGSZ, "conf": 0.6, "verbose": False}
+    kwargs = {"imgsz": IMGSZ, "conf": 0.75, "verbose": False}
     onnx_model = YOLO(str(path), task="detect")
     results = zip(YOLO(str(detect_pt)).predict(sources, **kwargs), onnx_model.predict(sources, **kwargs))
     found = 0
     for ours, theirs in results:
         found += len(ours.boxes)
-        assert len(ours.boxes) == len(theirs.boxes)
-        np.testing.assert_array_equal(ours.boxes.cls.numpy(), theirs.boxes.cls.numpy())
-        np.testing.assert_allclose(ours.boxes.xyxy.numpy(), theirs.boxes.xyxy.numpy(), atol=0.01)  # pixels
-        np.testing.assert_allclose(ours.boxes.conf.numpy(), theirs.boxes.conf.numpy(), atol=1e-5)
+        assert_same_boxes(ours.boxes, theirs.boxes, xyxy_atol=0.01, conf_atol=1e-5)  # pixels
     assert found > 0
 
 

@@ -23,6 +23,7 @@ import pytest
 import torch
 from export_helpers import (
     IMAGES,
+    assert_same_boxes,
     calibrated_checkpoint,
     letterboxed,
     max_abs_diff,
@@ -201,13 +202,7 @@ def test_predictor_gives_torch_boxes(exported, checkpoint, fmt, k):
     with f32:
         theirs = YOLO(str(exported(fmt, k)), task="detect").predict(source, **kwargs)[0].boxes
     assert len(ours) > 0
-    assert len(ours) == len(theirs)
-    distance = np.abs(ours.xyxy.numpy()[:, None] - theirs.xyxy.numpy()[None]).max(-1)  # (ours, theirs) pixels
-    match = distance.argmin(1)
-    assert sorted(match) == list(range(len(theirs))), "each box must have its own counterpart"
-    np.testing.assert_array_equal(ours.cls.numpy(), theirs.cls.numpy()[match])
-    np.testing.assert_allclose(ours.xyxy.numpy(), theirs.xyxy.numpy()[match], atol=0.05)  # pixels of the 810x1080 image
-    np.testing.assert_allclose(ours.conf.numpy(), theirs.conf.numpy()[match], atol=1e-4)
+    assert_same_boxes(ours, theirs, xyxy_atol=0.05, conf_atol=1e-4)  # pixels of the 810x1080 image
 
 
 def test_yolo_cli_exports_checkpoint_topk(checkpoint, references, image, workdir):
