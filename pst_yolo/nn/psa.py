@@ -235,7 +235,8 @@ class PSAttn(nn.Module):
         faster in that layout, forward and backward (``scripts/cpe_layout.py``, DESIGN.md). Other devices and export
         graphs keep channels-first. The result is the same to fp32 rounding.
         """
-        if v.device.type != "cpu" or is_exporting():
-            return F.interpolate(self.pe(v), size=size, mode="bilinear", align_corners=False)
-        cpe = self.pe(v.contiguous(memory_format=torch.channels_last))
-        return channels_first(F.interpolate(cpe, size=size, mode="bilinear", align_corners=False))
+        channels_last = v.device.type == "cpu" and not is_exporting()
+        if channels_last:
+            v = v.contiguous(memory_format=torch.channels_last)
+        cpe = F.interpolate(self.pe(v), size=size, mode="bilinear", align_corners=False)
+        return channels_first(cpe) if channels_last else cpe
