@@ -36,6 +36,8 @@ from ultralytics.nn.modules import Detect
 from ultralytics.utils import ASSETS
 
 from pst_yolo import set_topk
+from pst_yolo.ops import backends
+from pst_yolo.ops.pyramid_sparse_attention import blocked_attention_with_scores
 from pst_yolo.tools.tensorrt_check import check_tensorrt_compatible
 
 onnx = pytest.importorskip("onnx")
@@ -192,6 +194,53 @@ def test_dynamic_onnx_k_independent_of_export_size(detect_pt, exported):
     for hw in ((64, 64), (IMGSZ, IMGSZ)):
         x = letterboxed("bus.jpg", hw)
         assert_matches_torch(detect_pt, 8, x, ort_output(path, x), "detect", "ONNX dynamic (exported at 64) detect")
+
+
+@pytest.mark.parametrize("k", [0, 8])
+def test_query_blocks_onnx_matches_torch(detect_pt, detect_images, workdir, monkeypatch, k):
+    """Attention cut into query blocks in the traced graph (backends.traced_query_blocks): at 320 px the P3 layer's
+    640K logits exceed a 2^17 block 5 times, so its graph holds 5 Softmax chains (one more at k = 8: the fine
+    attention); the dynamic graph matches PyTorch at 320x320 and 352x288, batch 2, as the one-block graph does."""
+    monkeypatch.setattr(backends, "TRACED_BLOCK_ELEMENTS", 1 << 17)
+    copy = shutil.copy(detect_pt, workdir / f"{detect_pt.stem}-k{k}-blocks.pt")
+    with topk_override(k):
+        path = YOLO(str(copy)).export(format="onnx", imgsz=IMGSZ, dynamic=True, simplify=True)
+    assert_standard_graph(path, k)
+    softmax = Counter(n.name.rsplit("/", 1)[0] for n in onnx.load(path).graph.node if n.op_type == "Softmax")
+    assert softmax["/model.14/blocks.0/attn"] == 5 + (k > 0), softmax
+    for x in detect_images.values():
+        assert_matches_torch(detect_pt, k, x, ort_output(path, x), "detect", "ONNX dynamic detect, query blocks")
+
+
+def test_query_blocks_at_every_size(tmp_path, monkeypatch):
+    """One traced graph in 4 query blocks (the count fixed at the traced 40x40 over 20x20) runs right at any token
+    count: larger than traced, and small enough that some blocks are empty; eq. 2 and eq. 3 (scores) both."""
+    monkeypatch.setattr(backends, "TRACED_BLOCK_ELEMENTS", 2 * 2 * 1600 * 400 // 4)  # B * h * N * M of the trace
+
+    class CoarsePass(torch.nn.Module):
+        def forward(self, q, k, v):
+            out, scores = blocked_attention_with_scores(q, k, v)
+            return out, scores, backends.attention(q, k, v, "sdpa")[0]
+
+    def inputs(n: int, m: int):
+        g = torch.Generator().manual_seed(n)
+        return tuple(torch.randn(2, 2, size, 32, generator=g) for size in (n, m, m))
+
+    path = tmp_path / "blocks.onnx"
+    axes = {"q": {2: "n"}, "k": {2: "m"}, "v": {2: "m"}}
+    torch.onnx.export(
+        CoarsePass(), inputs(1600, 400), str(path), opset_version=18, dynamo=False, input_names=["q", "k", "v"],
+        output_names=["out", "scores", "dense"], dynamic_axes=axes,
+    )  # fmt: skip
+    assert Counter(n.op_type for n in onnx.load(str(path)).graph.node)["Softmax"] == 8
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for n, m in ((1600, 400), (2500, 625), (6, 4), (1, 1)):  # at n = 6 blocks of 2 rows: the last one is empty
+        q, k, v = inputs(n, m)
+        out, scores, dense = session.run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()})
+        probs = torch.softmax(q.double() @ k.double().transpose(-2, -1) / 32**0.5, dim=-1)
+        np.testing.assert_allclose(out, (probs @ v.double()).numpy(), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(dense, (probs @ v.double()).numpy(), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(scores, probs.mean(dim=2).numpy(), atol=1e-6, rtol=0)
 
 
 def test_predict_onnx_gives_pt_boxes(detect_pt, exported):

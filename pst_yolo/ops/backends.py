@@ -18,6 +18,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,8 @@ from ..validation import check_choice
 LOGGER = logging.getLogger("pst_yolo")
 BACKENDS = ("auto", "naive", "sdpa", "flash", "sage")
 SAGE_HEAD_DIMS = (64, 96, 128)
+TRACED_BLOCK_ELEMENTS = 1 << 20  # elements of one (B, h, rows, M) logits block in a traced graph (4 MB in fp32)
+TRACED_MAX_BLOCKS = 16  # query blocks per attention call in a traced graph at most
 # sageattention 1.0.6's non-causal kernel (attn_qk_int8_per_block.py, _attn_fwd_inner) loads keys in blocks of 64 and
 # does not mask the padding of the last block: with kv_len % 64 != 0 the padded slots join the softmax (measured with
 # the real kernel under TRITON_INTERPRET=1: 49 keys give outputs 15% too small). Fixed upstream only in 2.x.
@@ -179,6 +182,36 @@ def naive_attention(
     return logits.softmax(dim=-1) @ v
 
 
+def traced_query_blocks(q: torch.Tensor, num_keys: int) -> list[torch.Tensor]:
+    """q (B, h, N, d) cut along N into query blocks for a traced graph (TorchScript, ONNX); ``[q]`` elsewhere.
+
+    An exported graph runs attention as MatMul, Softmax and MatMul over the whole (B, h, N, M) logits, each node
+    streaming them through memory (41 MB at 640 px P3, 655 MB at 1280). Cut into blocks of at most
+    ``TRACED_BLOCK_ELEMENTS`` logits (at most ``TRACED_MAX_BLOCKS`` blocks), each block's chain runs in cache: ONNX
+    Runtime runs YOLO11n-PST at 640 about 4-7% faster with one thread (docs/BENCHMARKS.md). The block count is fixed
+    at the traced size; the block length is computed in the graph from N (Shape, Div, Slice), so a dynamic graph is
+    right at every size, where blocks past N are empty slices.
+
+    Args:
+        q: (B, h, N, d) queries.
+        num_keys: M, the keys each query attends to.
+
+    Returns:
+        Views of q along dim 2 that concatenate back to q.
+    """
+    if not torch.jit.is_tracing():
+        return [q]
+    B, h, n, _ = q.shape
+    with warnings.catch_warnings():  # a constant of the graph on purpose: the number of blocks
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        elements = int(B * h * n * num_keys)
+    blocks = min(TRACED_MAX_BLOCKS, -(-elements // TRACED_BLOCK_ELEMENTS))
+    if blocks <= 1:
+        return [q]
+    rows = (n + blocks - 1) // blocks  # traced: recomputed from N in the graph
+    return [q[:, :, i * rows : (i + 1) * rows] for i in range(blocks)]
+
+
 def _flash_attention(q, k, v, return_lse: bool):
     flash_attn = importlib.import_module("flash_attn")
     out = flash_attn.flash_attn_func(
@@ -221,7 +254,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, r
         (out, lse): out (B, h, N, d) in q's dtype, lse as above or None.
     """
     if backend == "naive" or is_exporting_graph():
-        return naive_attention(q, k, v), None
+        blocks = traced_query_blocks(q, k.shape[2])
+        out = naive_attention(q, k, v) if len(blocks) == 1 else torch.cat([naive_attention(b, k, v) for b in blocks], 2)
+        return out, None
     if backend == "flash":
         return _flash_attention(q, k, v, return_lse)
     if backend == "sage":

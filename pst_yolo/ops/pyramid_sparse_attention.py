@@ -31,6 +31,7 @@ from .backends import (
     last_dim_contiguous,
     naive_attention,
     resolve_backend,
+    traced_query_blocks,
 )
 
 DEFAULT_SCORE_CHUNK = 1 << 22  # elements of the (query chunk x M) probability block alive at once (16 MB in fp32)
@@ -130,8 +131,12 @@ def blocked_attention_with_scores(
     n = q.shape[2]
     rows = _query_chunk_rows(q, k.shape[2], max_chunk_elements)
     k_t = k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, h, d, M), scaled once instead of every query block
-    if rows >= n:
-        out, total = _attention_block(q, k_t, v)
+    if rows >= n:  # one block, or the blocks of a traced graph
+        parts = [_attention_block(block, k_t, v) for block in traced_query_blocks(q, k.shape[2])]
+        total = parts[0][1]
+        for _, part_scores in parts[1:]:
+            total = total + part_scores
+        out = parts[0][0] if len(parts) == 1 else torch.cat([part for part, _ in parts], dim=2)
         return out, total / n
     workspace = _block_workspace(q, k_t, rows)
     out, total = None, None
