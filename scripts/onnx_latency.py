@@ -3,20 +3,28 @@
 Each model is built from its YAML (random weights: latency does not depend on them), exported by Ultralytics'
 own exporter (ONNX, static shape, onnxslim), and timed with onnxruntime's CPU provider. Runs are interleaved
 (one call of each model per round) so that load on a shared machine hits every model alike; the table reports
-medians.
+medians. ``--one-block`` adds YOLO11n-PST exported with each attention call as one MatMul-Softmax-MatMul chain over
+the whole N x M logits (what graphs were before ``pst_yolo.ops.backends.traced_query_blocks``). ``--processes N``
+times in N fresh processes, one after the other (the graphs are exported once), and reports every process's
+medians and the median over processes: on a shared VM a ratio moves more between processes than between rounds.
 
     python scripts/onnx_latency.py --imgsz 640 --rounds 50 --threads 2 --json latency.json
+    python scripts/onnx_latency.py --threads 1 --clock cpu --one-block --processes 3 --rounds 20
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,70 +33,100 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=50, help="timed calls per model (interleaved)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls per model first")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="cpu: process CPU time (1 thread)")
+    parser.add_argument("--one-block", action="store_true", help="also YOLO11n-PST with one-block attention graphs")
+    parser.add_argument("--processes", type=int, default=1, help="fresh processes to time in (1: this one)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args(argv)
 
 
-def export_onnx(yaml_name: str, topk: int | None, imgsz: int, out_dir: Path) -> Path:
-    """Export ``yaml_name`` (random weights) with Ultralytics to ONNX; ``topk`` sets every PSA top-k if given."""
+def export_onnx(yaml_name: str, topk: int | None, imgsz: int, out_dir: Path, one_block: bool = False) -> Path:
+    """Export ``yaml_name`` (random weights) with Ultralytics to ONNX; ``topk`` sets every PSA top-k if given;
+    ``one_block`` traces each attention call as one block (no query blocks)."""
     from ultralytics import YOLO
 
     from pst_yolo import set_topk
+    from pst_yolo.ops import backends
 
     model = YOLO(yaml_name)
     if topk is not None:
         set_topk(model.model, topk)
-    stem = Path(yaml_name).stem + ("" if topk is None else f"-k{topk}")
-    path = model.export(format="onnx", imgsz=imgsz, simplify=True, verbose=False)
+    stem = Path(yaml_name).stem + ("" if topk is None else f"-k{topk}") + ("-one-block" if one_block else "")
+    block_elements = backends.TRACED_BLOCK_ELEMENTS
+    backends.TRACED_BLOCK_ELEMENTS = 1 << 62 if one_block else block_elements
+    try:
+        path = model.export(format="onnx", imgsz=imgsz, simplify=True, verbose=False)
+    finally:
+        backends.TRACED_BLOCK_ELEMENTS = block_elements
     return Path(path).replace(out_dir / f"{stem}.onnx")
 
 
-def time_interleaved(sessions: dict, image, rounds: int, warmup: int) -> dict[str, list[float]]:
-    """Milliseconds of each session's ``run`` on ``image``, one call per session per round."""
+def time_interleaved(paths: dict[str, Path], imgsz: int, threads: int, rounds: int, warmup: int, clock: str):
+    """Median milliseconds of each graph's ``run`` on one random image, one call per graph per round."""
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    sessions = {
+        name: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for name, p in paths.items()
+    }
+    image = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
+    now = CLOCKS[clock]
     times = {name: [] for name in sessions}
     for i in range(warmup + rounds):
         for name, session in sessions.items():
-            start = time.perf_counter()
+            start = now()
             session.run(None, {"images": image})
             if i >= warmup:
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return times
+                times[name].append((now() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("YOLO_OFFLINE", "true")
     os.environ.setdefault("YOLO_AUTOINSTALL", "false")
-    import numpy as np
     import onnxruntime as ort
 
     # yolo11n-pst is the authors' layout: YOLO12n's network with PST in the top-down path, so YOLO12n is listed too.
-    models = {"YOLO11n": ("yolo11n.yaml", None), "YOLO12n": ("yolo12n.yaml", None)}
-    models.update({f"YOLO11n-PST k={k}": ("yolo11n-pst.yaml", k) for k in (0, 8)})
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
+    models = {"YOLO11n": ("yolo11n.yaml", None, False), "YOLO12n": ("yolo12n.yaml", None, False)}
+    for one_block in (False, True) if args.one_block else (False,):
+        suffix = " one block" if one_block else ""
+        models.update({f"YOLO11n-PST k={k}{suffix}": ("yolo11n-pst.yaml", k, one_block) for k in (0, 8)})
+    timing = (args.imgsz, args.threads, args.rounds, args.warmup, args.clock)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = {name: export_onnx(yaml, k, args.imgsz, Path(tmp)) for name, (yaml, k) in models.items()}
-        sessions = {
-            name: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for name, p in paths.items()
-        }
-        image = np.random.default_rng(0).random((1, 3, args.imgsz, args.imgsz), dtype=np.float32)
-        times = time_interleaved(sessions, image, args.rounds, args.warmup)
+        paths = {name: export_onnx(yaml, k, args.imgsz, Path(tmp), one) for name, (yaml, k, one) in models.items()}
+        if args.processes == 1:
+            runs = [time_interleaved(paths, *timing)]
+        else:
+            runs = []
+            for _ in range(args.processes):  # one after the other, each spawned fresh
+                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    runs.append(pool.submit(time_interleaved, paths, *timing).result())
+    median_ms = {name: statistics.median(run[name] for run in runs) for name in models}
     results = {
-        "imgsz": args.imgsz,
-        "threads": args.threads,
-        "rounds": args.rounds,
-        "onnxruntime": ort.__version__,
-        "median_ms": {name: statistics.median(t) for name, t in times.items()},
-    }
+        "imgsz": args.imgsz, "threads": args.threads, "clock": args.clock, "rounds": args.rounds,
+        "onnxruntime": ort.__version__, "median_ms": median_ms, "processes": runs,
+    }  # fmt: skip
     print(
-        f"\nONNX Runtime {ort.__version__} CPU, {args.threads} threads, {args.imgsz}x{args.imgsz}, "
-        f"median of {args.rounds} interleaved runs"
+        f"\nONNX Runtime {ort.__version__} CPU, {args.threads} threads, {args.clock} clock, {args.imgsz}x{args.imgsz}, "
+        f"median of {args.rounds} interleaved runs" + (f", median over {len(runs)} processes" if len(runs) > 1 else "")
     )
-    print("| model | median ms | vs YOLO11n |\n|---|---|---|")
-    base = results["median_ms"]["YOLO11n"]
-    for name, ms in results["median_ms"].items():
-        print(f"| {name} | {ms:.1f} | {ms / base:.2f}x |")
+    print("| model | median ms | vs YOLO11n | vs YOLO12n |\n|---|---|---|---|")
+    for name, ms in median_ms.items():
+        print(f"| {name} | {ms:.1f} | {ms / median_ms['YOLO11n']:.3f} | {ms / median_ms['YOLO12n']:.3f} |")
+    if len(runs) > 1:
+        print("\nPer process (in run order), ratios within the process:")
+        for run in runs:
+            line = [f"k=0 / YOLO12n {run['YOLO11n-PST k=0'] / run['YOLO12n']:.3f}"]
+            line.append(f"k=8 / k=0 {run['YOLO11n-PST k=8'] / run['YOLO11n-PST k=0']:.3f}")
+            if args.one_block:
+                line.append(f"one block: k=0 / YOLO12n {run['YOLO11n-PST k=0 one block'] / run['YOLO12n']:.3f}")
+                line.append(f"k=8 / k=0 {run['YOLO11n-PST k=8 one block'] / run['YOLO11n-PST k=0 one block']:.3f}")
+                line.append(f"blocks / one block: k=0 {run['YOLO11n-PST k=0'] / run['YOLO11n-PST k=0 one block']:.3f}")
+                line.append(f"k=8 {run['YOLO11n-PST k=8'] / run['YOLO11n-PST k=8 one block']:.3f}")
+            print("- " + ", ".join(line))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return results
