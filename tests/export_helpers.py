@@ -11,10 +11,12 @@ import contextlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 
 from pst_yolo import PSAttn
+from pst_yolo.ops import backends
 from pst_yolo.tools.calibration import BUNDLED_IMAGES as IMAGES  # noqa: F401  (re-exported for the tests)
 from pst_yolo.tools.calibration import (  # noqa: F401  (re-exported for the tests)
     calibrate_random_weights,
@@ -33,6 +35,15 @@ def topk_override(k: int | None):
         yield
     finally:
         PSAttn.override_topk(None)
+
+
+@contextlib.contextmanager
+def query_blocks_as_at_640():
+    """Trace attention in query blocks at the converter tests' 160 px as a 640 px export does: the P3 layer's 40K
+    logits in 5 blocks of 2^13 (:func:`pst_yolo.ops.backends.traced_query_blocks`; 640 px: 10 blocks of 2^20)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(backends, "TRACED_BLOCK_ELEMENTS", 1 << 13)
+        yield
 
 
 def torch_output(model: nn.Module, x: torch.Tensor) -> np.ndarray:

@@ -89,6 +89,16 @@ def test_quick_run_writes_every_table(tmp_path):
     report = (tmp_path / "bench.md").read_text()
     assert "### Targets and ratios" in report and "yolo11n-pst k=8" in report
     assert len(saved["train_processes"]) == 1 and "each process the training section ran in" in report
+    (run,) = saved["model_processes"]  # --quick: the target models in this process
+    assert set(run["ratios"]) == {
+        f"{rt} {r}" for rt in ("pytorch", "onnxruntime") for r in ("k=0 / YOLO12n", "k=8 / k=0")
+    }
+    assert "each of the 1 processes the target models ran in" in report
+    by_name = {t["name"]: t["value"] for t in saved["targets"]}
+    assert (
+        by_name["fine attention: YOLO11n-PST k=8 / k=0 latency (ONNX Runtime)"]
+        == run["ratios"]["onnxruntime k=8 / k=0"]
+    )
     assert (tmp_path / "bench.png").stat().st_size > 0
 
 
@@ -110,3 +120,31 @@ def test_training_section_reports_the_median_of_fresh_processes():
     assert all(run["ceiling"] > 0 for run in spread)
     assert training_ratio(rows) == sorted(ratios)[1]
     assert {r["model"] for r in rows} == {"yolo12n", "yolo11n-pst"}
+
+
+@pytest.mark.slow
+def test_model_targets_take_the_median_of_fresh_processes():
+    """Three fresh processes time the target models (PyTorch and the exported graphs); the targets are the medians."""
+    import tempfile
+    from pathlib import Path
+
+    from pst_yolo.tools.benchmark import (
+        bench_models_onnx,
+        bench_target_models_in_processes,
+        model_variants,
+        parse_args,
+        targets,
+    )
+
+    args = parse_args(["--quick", "--model-processes", "3", "--threads", "1"])
+    variants = model_variants(args.models, args.model_topk, ["auto"], CPU)
+    with tempfile.TemporaryDirectory() as folder:
+        models = bench_models_onnx(args, variants, Path(folder))
+        runs = bench_target_models_in_processes(args, CPU, Path(folder))
+    assert len({run["pid"] for run in runs} | {os.getpid()}) == 4, "each in a fresh process"
+    ratios = {name: sorted(run["ratios"][name] for run in runs) for name in runs[0]["ratios"]}
+    assert len(ratios) == 4 and all(len(v) == 3 and v[0] > 0 for v in ratios.values())
+    results = {"op": [], "train": [], "score_step": [], "imgsz": args.imgsz, "models": models, "model_processes": runs}
+    by_name = {t["name"]: t["value"] for t in targets(results, args.model_topk)}
+    assert by_name["YOLO11n-PST k=0 / YOLO12n latency (PyTorch, batch 1)"] == ratios["pytorch k=0 / YOLO12n"][1]
+    assert by_name["fine attention: YOLO11n-PST k=8 / k=0 latency (ONNX Runtime)"] == ratios["onnxruntime k=8 / k=0"][1]

@@ -5,7 +5,8 @@ The model is the shipped ``yolo11n-pst.yaml`` with BN statistics calibrated on t
 (:func:`export_helpers.calibrated_checkpoint`), so that the fine attention moves the outputs visibly: every k=8 export
 is checked against PyTorch at k=8 within ``ATOL`` *and* to differ from PyTorch at k=0 by more than ``VISIBLE``, so an
 export that dropped the fine branch fails. ONNX itself is covered by tests/test_export.py. Each format's packages
-come with the ``export`` extra; a test whose package is missing is skipped and says which.
+come with the ``export`` extra; a test whose package is missing is skipped and says which. Every export cuts its
+attention into query blocks as a 640 px export does (:func:`export_helpers.query_blocks_as_at_640`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from export_helpers import (
     calibrated_checkpoint,
     letterboxed,
     max_abs_diff,
+    query_blocks_as_at_640,
     reference_model,
     topk_override,
     torch_output,
@@ -49,6 +51,13 @@ FORMAT_PACKAGES = {  # import names each format's export and runtime need
 }
 CASES = [(f, k) for f in FORMAT_PACKAGES for k in (0, 8) if (f, k) != ("ncnn", 8)]  # ncnn refuses k > 0 (see below)
 PREDICT_CASES = [(f, 0 if f == "ncnn" else 8) for f in FORMAT_PACKAGES]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def query_blocks():
+    """Every export of this module cuts its attention into query blocks, as exports at 640 px do."""
+    with query_blocks_as_at_640():
+        yield
 
 
 def require(fmt: str) -> None:

@@ -9,7 +9,8 @@ Without a format's packages its tests skip with the reason, unless the format is
 then they fail, so CI cannot pass a format by skipping it. Each format is exported through Ultralytics' own exporter
 (``YOLO(ckpt).export(format=...)``) from a BN-calibrated yolo11n-pst (tests/export_helpers.py) at k=0 and k=8; the
 LiteRT and SavedModel files run in their own runtimes against fp32 PyTorch and through Ultralytics' predictor. CoreML
-runs only on macOS: on Linux the test converts and reads the ML program.
+runs only on macOS: on Linux the test converts and reads the ML program. Every export cuts its attention into query
+blocks as a 640 px export does (:func:`export_helpers.query_blocks_as_at_640`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from export_helpers import (
     calibrated_checkpoint,
     letterboxed,
     max_abs_diff,
+    query_blocks_as_at_640,
     reference_model,
     topk_override,
     torch_output,
@@ -73,6 +75,13 @@ def require(format: str) -> None:
     reason = missing_packages(format)
     if reason:
         pytest.fail(f"{reason}; required by PST_YOLO_REQUIRE_FORMATS")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def query_blocks():
+    """Every export of this module cuts its attention into query blocks, as exports at 640 px do."""
+    with query_blocks_as_at_640():
+        yield
 
 
 @pytest.fixture(scope="module")
