@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from pst_yolo.tools.benchmark import main, op_flops, peak_memory_mb, time_round_robin
+from pst_yolo.tools.benchmark import main, op_flops, peak_memory_mb, target, time_round_robin, verdict_text
 from pst_yolo.ops import coarse_attention_with_scores
 
 CPU = torch.device("cpu")
@@ -100,6 +100,18 @@ def test_quick_run_writes_every_table(tmp_path):
         == run["ratios"]["onnxruntime k=8 / k=0"]
     )
     assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_a_ratio_beyond_its_bound_is_called_spread():
+    """A ratio measured below the bound that limits it (above a ceiling) is reported as spread, not as a result."""
+    bound = target("bound of x", 1.06)
+    below = target("x", 1.01, "<=", 1.03, bound)
+    assert below["met"] and below["beyond_bound"] == 1.06
+    assert verdict_text(below) == "met; beyond its bound 1.060, so within the spread"
+    assert "beyond_bound" not in target("x", 1.07, "<=", 1.03, bound) and not target("x", 1.07, "<=", 1.03)["met"]
+    above = target("y", 0.99, ">=", 0.95, target("ceiling of y", 0.96))
+    assert above["met"] and above["beyond_bound"] == 0.96
+    assert verdict_text(target("y", 0.94, ">=", 0.95, target("ceiling of y", 0.96))) == "NOT met"
 
 
 def test_cli_dispatches_bench():
