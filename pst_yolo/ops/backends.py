@@ -188,9 +188,9 @@ def traced_query_blocks(q: torch.Tensor, num_keys: int) -> list[torch.Tensor]:
     An exported graph runs attention as MatMul, Softmax and MatMul over the whole (B, h, N, M) logits, each node
     streaming them through memory (41 MB at 640 px P3, 655 MB at 1280). Cut into blocks of at most
     ``TRACED_BLOCK_ELEMENTS`` logits (at most ``TRACED_MAX_BLOCKS`` blocks), each block's chain runs in cache: ONNX
-    Runtime runs YOLO11n-PST at 640 about 4-7% faster with one thread (docs/BENCHMARKS.md). The block count is fixed
-    at the traced size; the block length is computed in the graph from N (Shape, Div, Slice), so a dynamic graph is
-    right at every size, where blocks past N are empty slices.
+    Runtime runs YOLO11n-PST at 640 5.4% (k=0) and 3.3% (k=8) faster with one thread (docs/BENCHMARKS.md, runs L to
+    N). The block count is fixed at the traced size; the block length is computed in the graph from N (Shape, Div,
+    Slice), so a dynamic graph is right at every size, where blocks past N are empty slices.
 
     Args:
         q: (B, h, N, d) queries.

@@ -132,12 +132,9 @@ def blocked_attention_with_scores(
     rows = _query_chunk_rows(q, k.shape[2], max_chunk_elements)
     k_t = k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, h, d, M), scaled once instead of every query block
     if rows >= n:  # one block, or the blocks of a traced graph
-        parts = [_attention_block(block, k_t, v) for block in traced_query_blocks(q, k.shape[2])]
-        total = parts[0][1]
-        for _, part_scores in parts[1:]:
-            total = total + part_scores
-        out = parts[0][0] if len(parts) == 1 else torch.cat([part for part, _ in parts], dim=2)
-        return out, total / n
+        outs, scores = zip(*(_attention_block(block, k_t, v) for block in traced_query_blocks(q, k.shape[2])))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        return out, sum(scores[1:], scores[0]) / n
     workspace = _block_workspace(q, k_t, rows)
     out, total = None, None
     for start in range(0, n, rows):
