@@ -16,15 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import statistics
 import tempfile
-import time
-from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
-
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=50, help="timed calls per model (interleaved)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls per model first")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="cpu: process CPU time (1 thread)")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="wall", help="cpu: process CPU time (1 thread)")
     parser.add_argument("--one-block", action="store_true", help="also YOLO11n-PST with one-block attention graphs")
     parser.add_argument("--processes", type=int, default=1, help="fresh processes to time in (1: this one)")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -65,22 +61,20 @@ def time_interleaved(paths: dict[str, Path], imgsz: int, threads: int, rounds: i
     """Median milliseconds of each graph's ``run`` on one random image, one call per graph per round."""
     import numpy as np
     import onnxruntime as ort
+    import torch
+
+    from pst_yolo.tools.benchmark import time_round_robin
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    sessions = {
-        name: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for name, p in paths.items()
-    }
     image = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
-    now = CLOCKS[clock]
-    times = {name: [] for name in sessions}
-    for i in range(warmup + rounds):
-        for name, session in sessions.items():
-            start = now()
-            session.run(None, {"images": image})
-            if i >= warmup:
-                times[name].append((now() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+    calls = {
+        name: partial(
+            ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]).run, None, {"images": image}
+        )
+        for name, p in paths.items()
+    }
+    return time_round_robin(calls, rounds, warmup, torch.device("cpu"), clock)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -88,6 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("YOLO_OFFLINE", "true")
     os.environ.setdefault("YOLO_AUTOINSTALL", "false")
     import onnxruntime as ort
+
+    from pst_yolo.tools.benchmark import in_fresh_processes
 
     # yolo11n-pst is the authors' layout: YOLO12n's network with PST in the top-down path, so YOLO12n is listed too.
     models = {"YOLO11n": ("yolo11n.yaml", None, False), "YOLO12n": ("yolo12n.yaml", None, False)}
@@ -99,11 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
         paths = {name: export_onnx(yaml, k, args.imgsz, Path(tmp), one) for name, (yaml, k, one) in models.items()}
         if args.processes == 1:
             runs = [time_interleaved(paths, *timing)]
-        else:
-            runs = []
-            for _ in range(args.processes):  # one after the other, each spawned fresh
-                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                    runs.append(pool.submit(time_interleaved, paths, *timing).result())
+        else:  # one after the other, each spawned fresh
+            runs = in_fresh_processes(args.processes, time_interleaved, paths, *timing)
     median_ms = {name: statistics.median(run[name] for run in runs) for name in models}
     results = {
         "imgsz": args.imgsz, "threads": args.threads, "clock": args.clock, "rounds": args.rounds,

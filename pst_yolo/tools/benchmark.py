@@ -198,6 +198,18 @@ class LiveTensorBytes(TorchDispatchMode):
         return StorageWeakRef(t.untyped_storage())
 
 
+def in_fresh_processes(count: int, fn: Callable, *args) -> list:
+    """``fn(*args)`` in ``count`` fresh (spawned) processes, one after the other; their results in run order."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    results = []
+    for _ in range(count):
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results.append(pool.submit(fn, *args).result())
+    return results
+
+
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
     """Peak MB of tensor memory that ``fn`` allocates above what already exists (its result included)."""
     if device.type == "cuda":
@@ -377,13 +389,31 @@ def forward_with_topk(model: torch.nn.Module, topk: int | None, backend: str, x:
     return run
 
 
+def time_models_eager(args, variants: dict, x: torch.Tensor, device) -> dict[str, float]:
+    """Median ms of each variant (:func:`model_variants`) on ``x``, round-robin under ``inference_mode``."""
+    calls = {label: forward_with_topk(*variant[:3], x) for label, variant in variants.items()}
+    with torch.inference_mode():
+        return time_round_robin(calls, args.repeats, args.warmup, device, args.clock)
+
+
+def time_onnx_graphs(args, paths: dict[str, Path], feed: dict) -> dict[str, float]:
+    """Median ms of each ONNX graph in ONNX Runtime's CPU provider (``args.threads`` threads), round-robin."""
+    import onnxruntime as ort
+
+    options = onnx_session_options(args.threads)
+    sessions = {
+        label: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for label, path in paths.items()
+    }
+    calls = {label: partial(session.run, None, feed) for label, session in sessions.items()}
+    return time_round_robin(calls, args.repeats, args.warmup, torch.device("cpu"), args.clock)
+
+
 def bench_models_eager(args, variants: dict, device) -> list[dict]:
     rows = []
     for batch in args.model_batches:
         x = torch.rand(batch, 3, args.imgsz, args.imgsz, device=device)
-        calls = {label: forward_with_topk(*variant[:3], x) for label, variant in variants.items()}
-        with torch.inference_mode():
-            ms = time_round_robin(calls, args.repeats, args.warmup, device, args.clock)
+        ms = time_models_eager(args, variants, x, device)
         rows += [{"runtime": "pytorch", "model": label, "batch": batch, "ms": t} for label, t in ms.items()]
         print(f"pytorch batch {batch}: " + ", ".join(f"{label}: {t:.1f} ms" for label, t in ms.items()))
     return rows
@@ -466,23 +496,19 @@ def bench_models_onnx(args, variants: dict, folder: Path) -> list[dict]:
     model without those layers.
     """
     import numpy as np
-    import onnxruntime as ort
 
     from ..nn import PSAttn
 
-    options = onnx_session_options(args.threads)
     rows = []
     for batch in args.model_batches:
         x = torch.rand(batch, 3, args.imgsz, args.imgsz)
-        sessions, paths = {}, {}
-        for label, (model, k, backend) in variants.items():
-            if backend != "auto":  # the exported graph does not depend on the backend
-                continue
-            paths[label] = export_onnx(model.cpu(), k, x, onnx_graph_path(folder, label, batch))
-            sessions[label] = ort.InferenceSession(str(paths[label]), options, providers=["CPUExecutionProvider"])
+        paths = {
+            label: export_onnx(model.cpu(), k, x, onnx_graph_path(folder, label, batch))
+            for label, (model, k, backend) in variants.items()
+            if backend == "auto"  # the exported graph does not depend on the backend
+        }
         feed = {"images": x.numpy().astype(np.float32)}
-        calls = {label: partial(session.run, None, feed) for label, session in sessions.items()}
-        ms = time_round_robin(calls, args.repeats, args.warmup, torch.device("cpu"), args.clock)
+        ms = time_onnx_graphs(args, paths, feed)
         for label, t in ms.items():
             row = {"runtime": "onnxruntime", "model": label, "batch": batch, "ms": t}
             model, k, _ = variants[label]
@@ -514,28 +540,11 @@ def bench_target_models(args, device: str, onnx_folder: str | None) -> tuple[int
     device = torch.device(device)
     variants = model_variants(["yolo12n", "yolo11n-pst"], args.model_topk, ["auto"], device)
     x = torch.rand(1, 3, args.imgsz, args.imgsz, device=device)
-    with torch.inference_mode():
-        calls = {label: forward_with_topk(*variant, x) for label, variant in variants.items()}
-        ms = {
-            ("pytorch", label): t
-            for label, t in time_round_robin(calls, args.repeats, args.warmup, device, args.clock).items()
-        }
+    ms = {("pytorch", label): t for label, t in time_models_eager(args, variants, x, device).items()}
     if onnx_folder is not None:
-        import onnxruntime as ort
-
-        options = onnx_session_options(args.threads)
-        feed = {"images": x.cpu().numpy()}
-        sessions = {
-            label: ort.InferenceSession(
-                str(onnx_graph_path(onnx_folder, label, 1)), options, providers=["CPUExecutionProvider"]
-            )
-            for label in variants
-        }
-        calls = {label: partial(session.run, None, feed) for label, session in sessions.items()}
-        cpu = torch.device("cpu")
+        paths = {label: onnx_graph_path(onnx_folder, label, 1) for label in variants}
         ms |= {
-            ("onnxruntime", label): t
-            for label, t in time_round_robin(calls, args.repeats, args.warmup, cpu, args.clock).items()
+            ("onnxruntime", label): t for label, t in time_onnx_graphs(args, paths, {"images": x.cpu().numpy()}).items()
         }
     ratios = {}
     for runtime in sorted({runtime for runtime, _ in ms}):
@@ -555,13 +564,7 @@ def bench_target_models_in_processes(args, device, onnx_folder: Path | None) -> 
     if args.model_processes == 1:
         runs = [bench_target_models(args, str(device), folder)]
     else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        runs = []
-        for _ in range(args.model_processes):
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                runs.append(pool.submit(bench_target_models, args, str(device), folder).result())
+        runs = in_fresh_processes(args.model_processes, bench_target_models, args, str(device), folder)
     return [{"pid": pid, "ratios": ratios} for pid, ratios in runs]
 
 
@@ -783,13 +786,7 @@ def bench_train_in_processes(args, device) -> tuple[list[dict], list[dict]]:
     if args.train_processes == 1:
         runs = [(os.getpid(), bench_train(args, device))]  # (process id, rows)
     else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        runs = []
-        for _ in range(args.train_processes):
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                runs.append(pool.submit(bench_train_fresh, args, str(device)).result())
+        runs = in_fresh_processes(args.train_processes, bench_train_fresh, args, str(device))
     spread = [{"pid": pid, "ratio": training_ratio(rows), "ceiling": training_ceiling(rows)} for pid, rows in runs]
     order = sorted(range(len(runs)), key=lambda i: -1.0 if spread[i]["ratio"] is None else spread[i]["ratio"])
     return runs[order[(len(runs) - 1) // 2]][1], spread
