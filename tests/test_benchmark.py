@@ -81,7 +81,7 @@ def test_quick_run_writes_every_table(tmp_path):
     assert 0 < train["yolo12n"]["replaced_layers_ms"] < train["yolo12n"]["ms"]
     assert all(r["page_faults"] is None or r["page_faults"] >= 0 for r in train.values())
     bounds = [t for t in saved["targets"] if t["name"].startswith(("bound of", "ceiling of"))]
-    assert len(bounds) == 5 and all(t["value"] > 0 for t in bounds), bounds
+    assert len(bounds) == 7 and all(t["value"] > 0 for t in bounds), bounds
     for r in saved["train"]:  # the trainer's accumulate = round(nbs 64 / batch 2): one optimizer step per 32
         assert r["accumulate"] == 32 and r["ms"] == pytest.approx(r["forward_backward_ms"] + r["optimizer_ms"] / 32)
     assert len(saved["targets"]) == len(results["targets"])
@@ -90,28 +90,40 @@ def test_quick_run_writes_every_table(tmp_path):
     assert "### Targets and ratios" in report and "yolo11n-pst k=8" in report
     assert len(saved["train_processes"]) == 1 and "each process the training section ran in" in report
     (run,) = saved["model_processes"]  # --quick: the target models in this process
-    assert set(run["ratios"]) == {
-        f"{rt} {r}" for rt in ("pytorch", "onnxruntime") for r in ("k=0 / YOLO12n", "k=8 / k=0")
-    }
+    ratio_names = {f"{rt} {r}" for rt in ("pytorch", "onnxruntime") for r in ("k=0 / YOLO12n", "k=8 / k=0")}
+    ratio_names.add("pytorch op k=8 / bare SDPA")
+    assert set(run["ratios"]) == ratio_names | {f"{r} bound" for r in ratio_names}
+    assert all(value > 0 for value in run["ratios"].values())
     assert "each of the 1 processes the target models ran in" in report
-    by_name = {t["name"]: t["value"] for t in saved["targets"]}
-    assert (
-        by_name["fine attention: YOLO11n-PST k=8 / k=0 latency (ONNX Runtime)"]
-        == run["ratios"]["onnxruntime k=8 / k=0"]
-    )
+    by_name = {t["name"]: t for t in saved["targets"]}
+    fine_ort = by_name["fine attention: YOLO11n-PST k=8 / k=0 latency (ONNX Runtime)"]
+    assert fine_ort["value"] == run["ratios"]["onnxruntime k=8 / k=0"]
+    assert fine_ort["bound"] == run["ratios"]["onnxruntime k=8 / k=0 bound"] > 1, "the key sums and fine attention"
+    assert fine_ort["from_bound"] == pytest.approx(fine_ort["value"] - fine_ort["bound"])
     assert (tmp_path / "bench.png").stat().st_size > 0
 
 
-def test_a_ratio_beyond_its_bound_is_called_spread():
-    """A ratio measured below the bound that limits it (above a ceiling) is reported as spread, not as a result."""
-    bound = target("bound of x", 1.06)
-    below = target("x", 1.01, "<=", 1.03, bound)
-    assert below["met"] and below["beyond_bound"] == 1.06
-    assert verdict_text(below) == "met; beyond its bound 1.060, so within the spread"
-    assert "beyond_bound" not in target("x", 1.07, "<=", 1.03, bound) and not target("x", 1.07, "<=", 1.03)["met"]
-    above = target("y", 0.99, ">=", 0.95, target("ceiling of y", 0.96))
-    assert above["met"] and above["beyond_bound"] == 0.96
-    assert verdict_text(target("y", 0.94, ">=", 0.95, target("ceiling of y", 0.96))) == "NOT met"
+def test_verdict_places_the_ratio_against_its_bound():
+    """Met, beyond its bound (spread), unreachable (bound past the target) or short of a bound within the target."""
+    assert verdict_text(target("x", 1.01, "<=", 1.03)) == "met" and verdict_text(target("d", 1.2)) == "-"
+    assert verdict_text(target("x", 1.02, "<=", 1.03, 1.01, 0.01)) == "met"
+    assert verdict_text(target("x", 1.01, "<=", 1.03, 1.06, -0.05)) == (
+        "met; 0.050 beyond its bound 1.060, so within the spread"
+    )
+    assert verdict_text(target("x", 1.07, "<=", 1.03, 1.06, 0.01)) == (
+        "NOT met; unreachable: its bound 1.060 is past the target; the code 0.010 from its bound 1.060"
+    )
+    assert verdict_text(target("x", 1.05, "<=", 1.03, 1.06, -0.01)) == (
+        "NOT met; unreachable: its bound 1.060 is past the target; 0.010 beyond its bound 1.060, so within the spread"
+    )
+    assert verdict_text(target("x", 1.05, "<=", 1.03, 1.02, 0.03)) == "NOT met; the code 0.030 from its bound 1.020"
+    assert verdict_text(target("y", 0.99, ">=", 0.95, 0.96, 0.03)) == (
+        "met; 0.030 beyond its bound 0.960, so within the spread"
+    )
+    assert verdict_text(target("y", 0.93, ">=", 0.95, 0.96, -0.03)) == "NOT met; the code 0.030 from its bound 0.960"
+    assert verdict_text(target("y", 0.93, ">=", 0.95, 0.94, -0.01)) == (
+        "NOT met; unreachable: its bound 0.940 is past the target; the code 0.010 from its bound 0.940"
+    )
 
 
 def test_cli_dispatches_bench():
@@ -155,8 +167,18 @@ def test_model_targets_take_the_median_of_fresh_processes():
         runs = bench_target_models_in_processes(args, CPU, Path(folder))
     assert len({run["pid"] for run in runs} | {os.getpid()}) == 4, "each in a fresh process"
     ratios = {name: sorted(run["ratios"][name] for run in runs) for name in runs[0]["ratios"]}
-    assert len(ratios) == 4 and all(len(v) == 3 and v[0] > 0 for v in ratios.values())
-    results = {"op": [], "train": [], "score_step": [], "imgsz": args.imgsz, "models": models, "model_processes": runs}
-    by_name = {t["name"]: t["value"] for t in targets(results, args.model_topk)}
-    assert by_name["YOLO11n-PST k=0 / YOLO12n latency (PyTorch, batch 1)"] == ratios["pytorch k=0 / YOLO12n"][1]
-    assert by_name["fine attention: YOLO11n-PST k=8 / k=0 latency (ONNX Runtime)"] == ratios["onnxruntime k=8 / k=0"][1]
+    assert len(ratios) == 10 and all(len(v) == 3 and v[0] > 0 for v in ratios.values())
+    results = {
+        "op": [], "train": [], "train_processes": [], "score_step": [], "imgsz": args.imgsz, "models": models,
+        "model_processes": runs,
+    }  # fmt: skip
+    by_name = {t["name"]: t for t in targets(results, args.model_topk)}
+    k0_pytorch = by_name["YOLO11n-PST k=0 / YOLO12n latency (PyTorch, batch 1)"]
+    assert k0_pytorch["value"] == ratios["pytorch k=0 / YOLO12n"][1]
+    assert k0_pytorch["bound"] == ratios["pytorch k=0 / YOLO12n bound"][1]
+    distances = sorted(
+        run["ratios"]["pytorch k=0 / YOLO12n"] - run["ratios"]["pytorch k=0 / YOLO12n bound"] for run in runs
+    )
+    assert k0_pytorch["from_bound"] == distances[1], "the median of each process's distance, not of the medians"
+    fine_ort = by_name["fine attention: YOLO11n-PST k=8 / k=0 latency (ONNX Runtime)"]
+    assert fine_ort["value"] == ratios["onnxruntime k=8 / k=0"][1]

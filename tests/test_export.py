@@ -208,8 +208,24 @@ def test_query_blocks_onnx_matches_torch(detect_pt, detect_images, workdir, monk
     assert_standard_graph(path, k)
     softmax = Counter(n.name.rsplit("/", 1)[0] for n in onnx.load(path).graph.node if n.op_type == "Softmax")
     assert softmax["/model.14/blocks.0/attn"] == 5 + (k > 0), softmax
+    assert_blocks_run_one_by_one(path, "/model.14/blocks.0/attn/", workdir / f"k{k}-ort-optimized.onnx")
     for x in detect_images.values():
         assert_matches_torch(detect_pt, k, x, ort_output(path, x), "detect", "ONNX dynamic detect, query blocks")
+
+
+def assert_blocks_run_one_by_one(path: str, scope: str, optimized: Path) -> None:
+    """In the order ONNX Runtime runs the graph (its optimized graph, saved), everything that reads a block's softmax
+    (``p v``; at k > 0 the eq. 3 key sums too) runs before the next block's softmax, so each block is used while in
+    cache. Without the key sums' dependency on ``p v`` ORT ran every block's key sums first and all ``p v`` last."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(optimized)
+    options.log_severity_level = 3
+    ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    nodes = list(onnx.load(str(optimized)).graph.node)
+    softmaxes = [i for i, n in enumerate(nodes) if n.op_type == "Softmax" and n.name.startswith(scope)]
+    for this, following in zip(softmaxes, [*softmaxes[1:], len(nodes)]):
+        readers = [i for i, n in enumerate(nodes) if nodes[this].output[0] in n.input]
+        assert readers and max(readers) < following, [(nodes[i].op_type, nodes[i].name) for i in readers]
 
 
 def test_query_blocks_at_every_size(tmp_path, monkeypatch):

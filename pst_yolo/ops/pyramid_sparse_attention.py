@@ -53,18 +53,26 @@ def _query_chunk_rows(q: torch.Tensor, num_keys: int, max_chunk_elements: int | 
     return max(1, max_chunk_elements // max(1, batch_heads * num_keys))
 
 
-def _sum_over_queries(probs: torch.Tensor) -> torch.Tensor:
+def _sum_over_queries(probs: torch.Tensor, after: torch.Tensor | None = None) -> torch.Tensor:
     """(B, h, rows, M) -> (B, h, M); in eager mode rows that are NaN (a non-finite query) add nothing.
 
     A NaN query row would otherwise make every score of its (batch, head) NaN and drop the fine branch of all the
     other queries (docs/DESIGN.md, "Bad inputs and non-finite values"); next to the exp, ``nansum`` costs as ``sum``.
+
+    Exporting, the sum is a product with a (B, h, 1, rows) ones vector: ONNX Runtime runs ReduceSum over a middle
+    axis ~10x slower. ``after`` (B, h, rows, d), a tensor the sum must wait for (the block's attention output): the
+    ones are then made from it (its first column clamped to 1; a NaN row stays NaN, as the product makes it anyway).
+    ONNX Runtime orders a graph's nodes by a depth-first walk back from its outputs; without that dependency it runs
+    every block's logits, softmax and key sums before any block's ``p v``, which then reads each block back from
+    memory instead of cache (docs/BENCHMARKS.md, runs O to Q).
     """
-    if is_exporting():  # ONNX Runtime runs ReduceSum over a middle axis ~10x slower than a ones-vector product
-        # (B, h, 1, rows). full_like with an explicit dtype: x2paddle has no ones_like and needs the dtype, CoreML
-        # has no new_ones; every converter has full_like.
+    if not is_exporting():
+        return probs.nansum(dim=2)
+    if after is None:  # full_like with an explicit dtype: x2paddle has no ones_like, CoreML no new_ones
         ones = torch.full_like(probs[..., 0], 1.0, dtype=probs.dtype).unsqueeze(-2)
-        return (ones @ probs).squeeze(-2)
-    return probs.nansum(dim=2)
+    else:
+        ones = after[..., 0].to(probs.dtype).unsqueeze(-2).clamp(1.0, 1.0)
+    return (ones @ probs).squeeze(-2)
 
 
 def coarse_key_scores(
@@ -177,7 +185,8 @@ def _attention_block(
         shape = q_block.shape[:-1] + k_t.shape[-1:]  # (B, h, rows, M); the last block may have fewer rows
         probs = workspace[: shape.numel()].view(shape)
         torch.softmax(torch.matmul(q_block, k_t, out=probs), dim=-1, out=probs)
-    return probs @ v, _sum_over_queries(probs.detach().float())
+    out = probs @ v
+    return out, _sum_over_queries(probs.detach().float(), after=out.detach())
 
 
 def _checked_coarse_pass(coarse_pass: str | None) -> str | None:
