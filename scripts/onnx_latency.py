@@ -63,10 +63,9 @@ def time_interleaved(paths: dict[str, Path], imgsz: int, threads: int, rounds: i
     import onnxruntime as ort
     import torch
 
-    from pst_yolo.tools.benchmark import time_round_robin
+    from pst_yolo.tools.benchmark import onnx_session_options, time_round_robin
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options = onnx_session_options(threads)  # the sessions share one pool, as one session alone has it
     image = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
     calls = {
         name: partial(

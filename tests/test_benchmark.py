@@ -126,6 +126,21 @@ def test_verdict_places_the_ratio_against_its_bound():
     )
 
 
+def test_onnx_timing_sessions_share_one_thread_pool_per_process():
+    """Timed ONNX sessions share their process's one pool (own pools slowed each other round-robin); a process asked
+    for a second pool size fails with a clear error instead of timing with the first size."""
+    pytest.importorskip("onnxruntime")
+    code = (
+        "from pst_yolo.tools.benchmark import onnx_session_options\n"
+        "assert not onnx_session_options(1).use_per_session_threads\n"
+        "onnx_session_options(1)\n"
+        "onnx_session_options(2)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1 and "RuntimeError" in result.stderr, result.stderr
+    assert "in a fresh process" in result.stderr.splitlines()[-1], result.stderr
+
+
 def test_cli_dispatches_bench():
     result = subprocess.run([sys.executable, "-m", "pst_yolo", "bench", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--model-batches" in result.stdout

@@ -24,7 +24,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import torch
@@ -400,7 +400,8 @@ def time_models_eager(
 
 
 def time_onnx_graphs(args, paths: dict[str, Path], feed: dict) -> dict[str, float]:
-    """Median ms of each ONNX graph in ONNX Runtime's CPU provider (``args.threads`` threads), round-robin."""
+    """Median ms of each ONNX graph in ONNX Runtime's CPU provider, round-robin, the sessions sharing this process's
+    one pool of ``args.threads`` threads (:func:`share_onnx_thread_pool`)."""
     import onnxruntime as ort
 
     options = onnx_session_options(args.threads)
@@ -433,13 +434,35 @@ def export_onnx(model: torch.nn.Module, topk: int | None, x: torch.Tensor, path:
     return path
 
 
-def onnx_session_options(threads: int, profile_prefix: Path | None = None):
-    """ONNX Runtime options: ``threads`` intra-op threads, one inter-op; ORT's profiler on when a prefix is given."""
+@cache
+def share_onnx_thread_pool(threads: int) -> None:
+    """Give this process one ONNX Runtime pool of ``threads`` intra-op threads for every session to share.
+
+    Sessions with pools of their own slow each other when timed round-robin: after a run a session's worker threads
+    spin, waiting for more work, while the next session runs. With 2 threads on 2 cores three such sessions ran
+    YOLO12n at 93-111 ms against 51-58 ms for a session timed alone, and one shared pool at 53-63 ms
+    (``scripts/onnx_thread_pools.py``, docs/BENCHMARKS.md). ONNX Runtime creates the pool once per process, so a
+    process times with one thread count: time another in a fresh process (:func:`in_fresh_processes`).
+    """
     import onnxruntime as ort
 
+    try:
+        ort.set_global_thread_pool_sizes(threads, 1)
+    except Exception as error:  # onnxruntime's Fail: the pool exists, with another size (cache holds the same size)
+        raise RuntimeError(
+            f"This process's shared ONNX Runtime thread pool exists already with another size than {threads} threads; "
+            "time ONNX graphs with another thread count in a fresh process."
+        ) from error
+
+
+def onnx_session_options(threads: int, profile_prefix: Path | None = None):
+    """ONNX Runtime options for the pool of ``threads`` threads this process's sessions share (one inter-op thread);
+    ORT's profiler on when a prefix is given."""
+    import onnxruntime as ort
+
+    share_onnx_thread_pool(threads)
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+    options.use_per_session_threads = False
     options.log_severity_level = 3
     if profile_prefix is not None:
         options.enable_profiling = True
@@ -504,14 +527,12 @@ def onnx_graph_path(folder: Path, label: str, batch: int) -> Path:
 
 def bench_models_onnx(args, variants: dict, folder: Path) -> list[dict]:
     """ONNX Runtime CPU latency of each default-backend variant (exported at top-k 0 / ``model_topk`` separately,
-    into ``folder``).
+    into ``folder``), timed in a fresh process (ONNX Runtime's shared thread pool is made once per process).
 
     For PST models at top-k 0 the row also gives ``attention_ms``: the time of the PSA layers' attention nodes (their
     share of a run, :func:`onnx_attention_shares`, times the timed latency), what the k=0 graph must spend beyond a
     model without those layers.
     """
-    import numpy as np
-
     rows = []
     for batch in args.model_batches:
         x = torch.rand(batch, 3, args.imgsz, args.imgsz)
@@ -520,16 +541,25 @@ def bench_models_onnx(args, variants: dict, folder: Path) -> list[dict]:
             for label, (model, k, backend) in variants.items()
             if backend == "auto"  # the exported graph does not depend on the backend
         }
-        feed = {"images": x.numpy().astype(np.float32)}
-        ms = time_onnx_graphs(args, paths, feed)
-        for label, t in ms.items():
-            row = {"runtime": "onnxruntime", "model": label, "batch": batch, "ms": t}
-            model, k, _ = variants[label]
-            if k == 0:
-                shares = onnx_attention_shares(paths[label], psa_scopes(model), feed, args.threads, args.repeats)
-                row["attention_ms"] = sum(shares.values()) * t
-            rows.append(row)
-        print(f"onnxruntime batch {batch}: " + ", ".join(f"{label}: {t:.1f} ms" for label, t in ms.items()))
+        profiled = {label: psa_scopes(model) for label, (model, k, _) in variants.items() if k == 0}
+        [batch_rows] = in_fresh_processes(1, time_onnx_models, args, paths, profiled, x.numpy())
+        rows += batch_rows
+        print(f"onnxruntime batch {batch}: " + ", ".join(f"{row['model']}: {row['ms']:.1f} ms" for row in batch_rows))
+    return rows
+
+
+def time_onnx_models(args, paths: dict[str, Path], profiled: dict[str, list[str]], images) -> list[dict]:
+    """Rows of :func:`bench_models_onnx` for one batch of ``images`` (a float32 array): each graph's median ms, and
+    ``attention_ms`` for the labels in ``profiled`` (label -> its PSA scopes)."""
+    feed = {"images": images}
+    ms = time_onnx_graphs(args, paths, feed)
+    rows = []
+    for label, t in ms.items():
+        row = {"runtime": "onnxruntime", "model": label, "batch": images.shape[0], "ms": t}
+        if label in profiled:
+            shares = onnx_attention_shares(paths[label], profiled[label], feed, args.threads, args.repeats)
+            row["attention_ms"] = sum(shares.values()) * t
+        rows.append(row)
     return rows
 
 
@@ -609,17 +639,14 @@ def bench_target_models(args, device: str, onnx_folder: str | None) -> tuple[int
 
 
 def bench_target_models_in_processes(args, device, onnx_folder: Path | None) -> list[dict]:
-    """:func:`bench_target_models` in ``args.model_processes`` fresh processes, one after the other (with 1, in this
-    one): like the training ratio, a model-latency ratio moves more between processes than between rounds on a
-    shared VM (k=8 / k=0 in PyTorch: 1.090 and 1.132 in two runs of one commit). Returns each process's id and
-    ratios in run order; the targets take the median over processes."""
+    """:func:`bench_target_models` in ``args.model_processes`` fresh processes, one after the other (ONNX Runtime's
+    shared thread pool is made once per process): like the training ratio, a model-latency ratio moves more between
+    processes than between rounds on a shared VM (k=8 / k=0 in PyTorch: 1.090 and 1.132 in two runs of one commit).
+    Returns each process's id and ratios in run order; the targets take the median over processes."""
     if "yolo12n" not in args.models or "yolo11n-pst" not in args.models:
         return []
     folder = None if onnx_folder is None else str(onnx_folder)
-    if args.model_processes == 1:
-        runs = [bench_target_models(args, str(device), folder)]
-    else:
-        runs = in_fresh_processes(args.model_processes, bench_target_models, args, str(device), folder)
+    runs = in_fresh_processes(args.model_processes, bench_target_models, args, str(device), folder)
     return [{"pid": pid, "ratios": ratios} for pid, ratios in runs]
 
 
