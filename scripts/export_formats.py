@@ -4,8 +4,8 @@ For each format whose packages import, the script exports three variants through
 (``YOLO(...).export(format=...)``, top-k set with ``pst_yolo.set_topk``), runs each in the format's own runtime and
 measures (a) the largest |difference| from the fused fp32 PyTorch model on the bundled bus.jpg and zidane.jpg
 (boxes in units of the input size, class scores as they are; the "pytorch" row is fp32 against fp64, the rounding
-floor any fp32 runtime shares) and (b) CPU latency at batch 1: every variant of every format is timed round-robin
-in one loop (one call each per round), medians, a fixed thread count. Formats that do not install are listed as
+floor any fp32 runtime shares) and (b) CPU latency at batch 1: one format after the other, its variants timed
+round-robin (one call each per round), medians, a fixed thread count. Formats that do not install are listed as
 skipped with the reason; coreml is converted only (no Linux runtime).
 
 Weights must let the fine attention act: ``--weights``/``--baseline-weights`` (trained checkpoints) if given, else
@@ -154,7 +154,7 @@ def runner(fmt: str, path: Path, threads: int):
     if fmt == "onnx":
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
+        options = ort.SessionOptions()  # a pool of its own: a shared pool would break later exports (onnxslim)
         options.intra_op_num_threads = threads
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
@@ -262,11 +262,15 @@ def measure_formats(args: argparse.Namespace, checkpoints: dict, images: list) -
                 cell["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             print(f"[export_formats] {fmt} {v}: {cell}", flush=True)
     print(f"[export_formats] timing {len(runs)} runtimes x {args.rounds} rounds", flush=True)
-    with torch.inference_mode():  # one call of each per round, medians
-        calls = {key: functools.partial(run, images[0]) for key, run in runs.items()}
-        medians = time_round_robin(calls, args.rounds, args.warmup, torch.device("cpu"))
-    for (fmt, v), ms in medians.items():
-        formats[fmt][v]["ms"] = ms
+    # One format at a time, its variants round-robin: a runtime's worker threads spin for more work after each call,
+    # so in one loop over every runtime each call ran against the previous runtime's spinning workers (with 2
+    # threads, ONNX Runtime ran YOLO12n 3x slower than alone; docs/BENCHMARKS.md, "ONNX Runtime's thread pools").
+    # Within a format the variants still spin against each other (ONNX Runtime: one pool per session, see runner).
+    with torch.inference_mode():
+        for fmt in formats:
+            calls = {v: functools.partial(run, images[0]) for (f, v), run in runs.items() if f == fmt}
+            for v, ms in time_round_robin(calls, args.rounds, args.warmup, torch.device("cpu")).items():
+                formats[fmt][v]["ms"] = ms
     fine = {
         "max |k=8 - k=0| PyTorch": max(
             max_abs_diff(a, b, "detect", args.imgsz)

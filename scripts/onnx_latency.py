@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="wall", help="cpu: process CPU time (1 thread)")
     parser.add_argument("--one-block", action="store_true", help="also YOLO11n-PST with one-block attention graphs")
-    parser.add_argument("--processes", type=int, default=1, help="fresh processes to time in (1: this one)")
+    parser.add_argument("--processes", type=int, default=1, help="fresh processes to time in, one after the other")
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args(argv)
 
@@ -92,10 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     timing = (args.imgsz, args.threads, args.rounds, args.warmup, args.clock)
     with tempfile.TemporaryDirectory() as tmp:
         paths = {name: export_onnx(yaml, k, args.imgsz, Path(tmp), one) for name, (yaml, k, one) in models.items()}
-        if args.processes == 1:
-            runs = [time_interleaved(paths, *timing)]
-        else:  # one after the other, each spawned fresh
-            runs = in_fresh_processes(args.processes, time_interleaved, paths, *timing)
+        # one after the other, each spawned fresh: the shared ONNX Runtime pool is made once per process
+        runs = in_fresh_processes(args.processes, time_interleaved, paths, *timing)
     median_ms = {name: statistics.median(run[name] for run in runs) for name in models}
     results = {
         "imgsz": args.imgsz, "threads": args.threads, "clock": args.clock, "rounds": args.rounds,

@@ -136,7 +136,7 @@ def test_onnx_timing_sessions_share_one_thread_pool_per_process():
         "onnx_session_options(1)\n"
         "onnx_session_options(2)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 1 and "RuntimeError" in result.stderr, result.stderr
     assert "in a fresh process" in result.stderr.splitlines()[-1], result.stderr
 
@@ -180,6 +180,10 @@ def test_model_targets_take_the_median_of_fresh_processes():
     with tempfile.TemporaryDirectory() as folder:
         models = bench_models_onnx(args, variants, Path(folder))
         runs = bench_target_models_in_processes(args, CPU, Path(folder))
+        # the shared ONNX Runtime pool lives in the timing processes only: here a plain session (as onnxslim's
+        # constant folding makes during an export) still works
+        ort = pytest.importorskip("onnxruntime")
+        ort.InferenceSession(str(next(Path(folder).glob("*.onnx"))), providers=["CPUExecutionProvider"])
     assert len({run["pid"] for run in runs} | {os.getpid()}) == 4, "each in a fresh process"
     ratios = {name: sorted(run["ratios"][name] for run in runs) for name in runs[0]["ratios"]}
     assert len(ratios) == 10 and all(len(v) == 3 and v[0] > 0 for v in ratios.values())

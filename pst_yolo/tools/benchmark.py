@@ -443,6 +443,10 @@ def share_onnx_thread_pool(threads: int) -> None:
     YOLO12n at 93-111 ms against 51-58 ms for a session timed alone, and one shared pool at 53-63 ms
     (``scripts/onnx_thread_pools.py``, docs/BENCHMARKS.md). ONNX Runtime creates the pool once per process, so a
     process times with one thread count: time another in a fresh process (:func:`in_fresh_processes`).
+
+    Call it only in a process that does nothing with ONNX Runtime but time: once the pool exists, every session made
+    without ``use_per_session_threads = False`` fails. onnxslim's constant folding (Ultralytics' ``simplify=True``)
+    makes such sessions and skips what fails, and it then wrote a k=8 graph whose outputs were off by 0.09.
     """
     import onnxruntime as ort
 
