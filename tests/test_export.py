@@ -188,6 +188,26 @@ def test_detect_dynamic_onnx_matches_torch(detect_pt, detect_images, exported, k
         assert_matches_torch(detect_pt, k, x, ort_output(path, x), "detect", "ONNX dynamic detect")
 
 
+def test_onnxslim_without_onnxruntime_folding_keeps_the_graph_right(detect_pt, detect_images, exported, monkeypatch):
+    """onnxslim folds constant subgraphs through ONNX Runtime and falls back to its own folding where a session fails
+    (no onnxruntime, or a process with ONNX Runtime's global thread pool). The k=8 graph must stay right either way:
+    an ``F.pad`` of the eq. 3 scores exported as a reversed Slice, which that fallback folded wrongly (padding
+    first), gave outputs off by 0.17."""
+    onnxslim = pytest.importorskip("onnxslim")
+    unsimplified = exported(detect_pt, 8, imgsz=IMGSZ, dynamic=False, simplify=False)  # static: shapes fold
+
+    def no_session(*args, **kwargs):
+        raise RuntimeError("no ONNX Runtime session in this test")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ort, "InferenceSession", no_session)
+        slimmed = onnxslim.slim(onnx.load(str(unsimplified)))
+    path = unsimplified.with_name("yolo11n-pst-k8-slimmed-without-ort.onnx")
+    onnx.save(slimmed, str(path))
+    for x in detect_images[(IMGSZ, IMGSZ)].split(1):  # the static graph has batch 1
+        assert_matches_torch(detect_pt, 8, x, ort_output(path, x), "detect", "ONNX slimmed without ORT folding")
+
+
 def test_dynamic_onnx_k_independent_of_export_size(detect_pt, exported):
     """A dynamic graph exported at 64 px (upper P5 map: 2x2 < k tokens) keeps k = 8 and runs at 64 and 320 px."""
     path = exported(detect_pt, 8, imgsz=64, dynamic=True, simplify=True)

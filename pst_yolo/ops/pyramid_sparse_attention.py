@@ -273,7 +273,10 @@ def select_fine_tokens(
     wu = coarse_hw[1]
     k = min(topk, scores.shape[-1])
     if is_exporting():  # k = topk for every map size of a dynamic graph; the padding slots map outside, never valid
-        scores, k = F.pad(scores, (0, topk), value=-1.0), topk
+        # Concatenated, not F.pad: the exporter builds F.pad's pads through a reversed Slice it leaves unfolded, and
+        # onnxslim, when it cannot fold through ONNX Runtime, folds that Slice wrongly (the padding went first).
+        padding = torch.full_like(scores[..., :1], -1.0, dtype=scores.dtype).expand(-1, -1, topk)  # x2paddle: dtype
+        scores, k = torch.cat([scores, padding], dim=-1), topk
     top_scores, top_idx = scores.topk(k, dim=-1, largest=True, sorted=True)  # (B, h, k), deterministic
     # floor_divide, not div(rounding_mode="floor"): x2paddle turns the latter into a true division (a float index,
     # refused by Paddle), and aten::floor into Python's math.floor; both export to an integer ONNX Div.
