@@ -440,8 +440,8 @@ def share_onnx_thread_pool(threads: int) -> None:
 
     Sessions with pools of their own slow each other when timed round-robin: after a run a session's worker threads
     spin, waiting for more work, while the next session runs. With 2 threads on 2 cores three such sessions ran
-    YOLO12n at 93-111 ms against 51-58 ms for a session timed alone, and one shared pool at 53-63 ms
-    (``scripts/onnx_thread_pools.py``, docs/BENCHMARKS.md). ONNX Runtime creates the pool once per process, so a
+    YOLO12n at 108.6 ms (median of 5 processes), against 62.4 ms for a session timed alone and 59.6 ms with one
+    shared pool (``scripts/onnx_thread_pools.py``, docs/BENCHMARKS.md). ONNX Runtime creates the pool once per process, so a
     process times with one thread count: time another in a fresh process (:func:`in_fresh_processes`).
 
     Call it only in a process that does nothing with ONNX Runtime but time: once the pool exists, every session made
