@@ -147,3 +147,16 @@ def test_profile_train_step_charges_backward_to_layers(tmp_path):
         assert float(pst_fwd) > 0 and float(pst_bwd) > 0
     backward = rows["`aten::_scaled_dot_product_flash_attention_for_cpu_backward`"]
     assert float(backward[1]) == 0 and float(backward[2]) > 0
+
+
+def test_onnx_thread_pools_times_every_setup(tmp_path):
+    """Smoke run of scripts/onnx_thread_pools.py: the three graphs under each setup, each setup in a fresh process."""
+    pytest.importorskip("onnxruntime")
+    result = run_script(
+        "onnx_thread_pools.py", "--imgsz", "64", "--processes", "1", "--rounds", "1", "--warmup", "0", "--threads", "1",
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| own", "| shared", "| alone"))]
+    assert len(rows) == 3, result.stdout
+    assert all(float(cell) > 0 for row in rows for cell in row.split("|")[2:5]), rows
