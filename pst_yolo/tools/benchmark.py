@@ -441,8 +441,8 @@ def share_onnx_thread_pool(threads: int) -> None:
     Sessions with pools of their own slow each other when timed round-robin: after a run a session's worker threads
     spin, waiting for more work, while the next session runs. With 2 threads on 2 cores three such sessions ran
     YOLO12n at 108.6 ms (median of 5 processes), against 62.4 ms for a session timed alone and 59.6 ms with one
-    shared pool (``scripts/onnx_thread_pools.py``, docs/BENCHMARKS.md). ONNX Runtime creates the pool once per process, so a
-    process times with one thread count: time another in a fresh process (:func:`in_fresh_processes`).
+    shared pool (``scripts/onnx_thread_pools.py``, docs/BENCHMARKS.md). ONNX Runtime creates the pool once per
+    process, so a process times with one thread count: time another in a fresh process (:func:`in_fresh_processes`).
 
     Call it only in a process that does nothing with ONNX Runtime but time: once the pool exists, every session made
     without ``use_per_session_threads = False`` fails. onnxslim's constant folding (Ultralytics' ``simplify=True``)
@@ -617,8 +617,8 @@ def bench_target_models(args, device: str, onnx_folder: str | None) -> tuple[int
     variants = model_variants(["yolo12n", "yolo11n-pst"], args.model_topk, ["auto"], device)
     x = torch.rand(1, 3, args.imgsz, args.imgsz, device=device)
     labels = target_model_labels(args.model_topk)
-    baseline, k0, fine = "yolo12n", "yolo11n-pst k=0", f"yolo11n-pst k={args.model_topk}"
-    k0_ratio, fine_ratio = "k=0 / YOLO12n", f"k={args.model_topk} / k=0"
+    k0_ratio, fine_ratio = labels  # "k=0 / YOLO12n", "k=<topk> / k=0"
+    (k0, baseline), (fine, _) = labels[k0_ratio], labels[fine_ratio]
     ms = time_models_eager(args, variants, x, device, also=bound_parts(args.imgsz, device))
     levels = [shape["level"] for shape in op_shapes(args.imgsz)]
     bare, passes = (sum(ms[f"{part} {level}"] for level in levels) for part in ("bare sdpa", COARSE_PASS))
@@ -987,7 +987,7 @@ def targets(results: dict, model_topk: int) -> list[dict]:
 
     pst, k, mb = "yolo11n-pst", model_topk, "peak_mb"
     flops = results.get("flops", {})
-    k0_ratio, fine_ratio = "k=0 / YOLO12n", f"k={k} / k=0"
+    k0_ratio, fine_ratio = target_model_labels(k)  # "k=0 / YOLO12n", "k=<topk> / k=0"
     per_process = "median over the target processes"
     op_key, op_label = "pytorch op k=8 / bare SDPA", "PSA op 80x80/40x40 k=8 / bare SDPA"
     bound_rows = {
@@ -1031,8 +1031,9 @@ def targets(results: dict, model_topk: int) -> list[dict]:
         op_latency = model_target(f"{op_label} latency ({per_process})", op_key, 2.0, bound_rows["op"])
     else:
         op_latency = target(f"{op_label} latency (op table)", sdpa_k8 and sdpa_k8["x_sdpa_ms"], "<=", 2.0)
+    runtimes = (("PyTorch", "pytorch"), ("ONNX Runtime", "onnxruntime"))  # (in the label, in the process keys)
     rows = []
-    for runtime, name in (("PyTorch", "pytorch"), ("ONNX Runtime", "onnxruntime")):
+    for runtime, name in runtimes:
         label = f"YOLO11n-PST k=0 / YOLO12n latency ({runtime}, batch 1)"
         rows.append(model_target(label, f"{name} {k0_ratio}", 1.15, bound_rows[name, k0_ratio]))
     rows += [
@@ -1043,7 +1044,7 @@ def targets(results: dict, model_topk: int) -> list[dict]:
             train_from_ceiling,
         ),
     ]  # fmt: skip
-    for runtime, name in (("PyTorch", "pytorch"), ("ONNX Runtime", "onnxruntime")):
+    for runtime, name in runtimes:
         label = f"fine attention: YOLO11n-PST k={k} / k=0 latency ({runtime})"
         rows.append(model_target(label, f"{name} {fine_ratio}", 1.03, bound_rows[name, fine_ratio]))
     diagnostics = [
