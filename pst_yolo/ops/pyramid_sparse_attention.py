@@ -50,9 +50,7 @@ def _query_chunk_rows(q: torch.Tensor, num_keys: int, max_chunk_elements: int | 
     if max_chunk_elements is None:
         max_chunk_elements = CPU_SCORE_CHUNK if q.device.type == "cpu" else DEFAULT_SCORE_CHUNK
     batch_heads = q.shape[0] * q.shape[1]
-    rows = max(1, max_chunk_elements // max(1, batch_heads * num_keys))
-    threads = torch.get_num_threads() if q.device.type == "cpu" else 1
-    return rows - rows % threads if rows > threads else rows  # whole row groups per thread (:func:`_block_logits`)
+    return max(1, max_chunk_elements // max(1, batch_heads * num_keys))
 
 
 def _sum_over_queries(probs: torch.Tensor, after: torch.Tensor | None = None) -> torch.Tensor:
@@ -130,7 +128,7 @@ def blocked_attention_with_scores(
 
     The exp and the q k^T product are shared by the output and the scores, and at most one (B, h, rows, M) block
     (and its softmax) exists at once. Without autograd and autocast, float32/float64 blocks on the CPU run in base 2
-    (:func:`_base2_attention_block`).
+    (:func:`_base2_pass`).
 
     Args:
         q: (B, h, N, d) queries; k, v: (B, h, M, d) coarse keys/values.
@@ -148,12 +146,15 @@ def blocked_attention_with_scores(
         return out, sum(scores[1:], scores[0]) / n
     rows = min(n, _query_chunk_rows(q, k.shape[2], max_chunk_elements))
     workspace = _block_workspace(q, k.transpose(-2, -1), rows)
-    base2 = workspace is not None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
-    k_t = k.transpose(-2, -1) * (scale * LOG2_E if base2 else scale)
-    attention_block = _base2_attention_block if base2 else _attention_block
+    if workspace is not None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64):
+        out, scores = _base2_pass(q, k.transpose(-2, -1) * (scale * LOG2_E), v, rows, workspace)
+        if scores.isnan().any():  # a non-finite query row: the key sums again without it (_sum_over_queries)
+            scores = coarse_key_scores(q, k, max_chunk_elements=max_chunk_elements)
+        return out, scores
+    k_t = k.transpose(-2, -1) * scale
     out, total = None, None
     for start in range(0, n, rows):
-        part, part_scores = attention_block(q[:, :, start : start + rows], k_t, v, workspace)
+        part, part_scores = _attention_block(q[:, :, start : start + rows], k_t, v, workspace)
         if out is None:  # allocated from the first block: its dtype follows autocast
             out, total = part.new_empty(q.shape[:-1] + v.shape[-1:]), part_scores
         else:
@@ -195,51 +196,40 @@ def _attention_block(
     return out, _sum_over_queries(probs.detach().float(), after=out.detach())
 
 
-def _base2_attention_block(
-    q_block: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, workspace: torch.Tensor
+def _base2_pass(
+    q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, rows: int, workspace: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_attention_block` on the CPU without autograd, from base-2 logits (``k_t`` carries log2(e)).
+    """:func:`blocked_attention_with_scores` on the CPU without autograd, from base-2 logits (``k_t`` carries
+    log2(e)), one ``rows``-query block after the other in ``workspace``.
 
-    The block holds ``exp2(logits - row max)``, unnormalised: exp2 runs several times faster than exp on the CPU, and
-    the division by the row sums moves to the (rows, d) output rows and into the key sums, one product of the
-    inverse row sums with the block. 1.21-1.28x one bare SDPA call at 640 px P3 with one thread, against
-    1.33-1.42x for the softmax (docs/BENCHMARKS.md). A NaN query row adds nothing to the key sums, as in
-    :func:`_sum_over_queries`.
+    Each block holds ``exp2(logits - row max)``, unnormalised: exp2 runs several times faster than exp on the CPU,
+    and the division by the row sums moves to the (rows, d) output rows and into the key sums, one product of the
+    inverse row sums with the block. A NaN query row makes every key sum NaN (the caller recomputes them without it).
+
+    Args:
+        q: (B, h, N, d) queries; k_t: (B, h, d, M) keys, transposed and scaled by log2(e) / sqrt(d); v: (B, h, M, d).
 
     Returns:
-        out (B, h, rows, d) and key sums (B, h, M) float32.
+        out (B, h, N, d) and scores (B, h, M) float32.
     """
-    probs = _block_logits(q_block, k_t, _workspace_block(workspace, q_block, k_t))  # (B, h, rows, M)
-    probs.sub_(probs.amax(dim=-1, keepdim=True)).exp2_()  # each row's largest entry is 1: no overflow, sum >= 1
-    inverse_sums = probs.sum(dim=-1, keepdim=True).reciprocal_()  # (B, h, rows, 1)
-    out = (probs @ v).mul_(inverse_sums)
-    nan_rows = inverse_sums.isnan()  # a non-finite query (or key) row
-    if nan_rows.any():  # on the CPU: no device sync
-        probs.masked_fill_(nan_rows, 0.0)
-        inverse_sums.masked_fill_(nan_rows, 0.0)
-    return out, (inverse_sums.transpose(-2, -1) @ probs).squeeze(-2).float()
+    n = q.shape[2]
+    out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+    key_sums = None
+    for start in range(0, n, rows):
+        q_block = q[:, :, start : start + rows]
+        probs = torch.matmul(q_block, k_t, out=_workspace_block(workspace, q_block, k_t))  # (B, h, rows, M)
+        probs.sub_(probs.amax(dim=-1, keepdim=True)).exp2_()  # each row's largest entry is 1: no overflow, sum >= 1
+        inverse_sums = probs.sum(dim=-1, keepdim=True).reciprocal_()  # (B, h, rows, 1)
+        torch.matmul(probs, v, out=out[:, :, start : start + rows]).mul_(inverse_sums)
+        part = inverse_sums.transpose(-2, -1) @ probs  # (B, h, 1, M)
+        key_sums = part if key_sums is None else key_sums.add_(part)
+    return out, key_sums.squeeze(-2).float() / n
 
 
 def _workspace_block(workspace: torch.Tensor, q_block: torch.Tensor, k_t: torch.Tensor) -> torch.Tensor:
     """The (B, h, rows, M) block of ``workspace`` for the logits of ``q_block`` (the last block may have fewer rows)."""
     shape = q_block.shape[:-1] + k_t.shape[-1:]
     return workspace[: shape.numel()].view(shape)
-
-
-def _block_logits(q_block: torch.Tensor, k_t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``q_block @ k_t`` (B, h, rows, d) x (B, h, d, M) into ``out`` (B, h, rows, M); returns ``out``.
-
-    With a single (batch, head) and several CPU threads the rows are cut into one group per thread, multiplied as a
-    batch: the BLAS runs one (rows x 32) @ (32 x M) product on one thread (164 us at 640 px P3 with 2 threads, as
-    with 1) and a batch of them on all (108 us).
-    """
-    B, h, rows, d = q_block.shape
-    groups = torch.get_num_threads()
-    if B * h > 1 or groups == 1 or rows % groups:
-        return torch.matmul(q_block, k_t, out=out)
-    k_t = k_t.reshape(1, d, -1).expand(groups, -1, -1)  # (groups, d, M), not copied
-    torch.bmm(q_block.reshape(groups, rows // groups, d), k_t, out=out.view(groups, rows // groups, -1))
-    return out
 
 
 def _checked_coarse_pass(coarse_pass: str | None) -> str | None:
