@@ -8,7 +8,16 @@ import sys
 import pytest
 import torch
 
-from pst_yolo.tools.benchmark import main, op_flops, peak_memory_mb, target, time_round_robin, verdict_text
+from pst_yolo.tools.benchmark import (
+    main,
+    median_over_rounds,
+    op_flops,
+    peak_memory_mb,
+    target,
+    time_round_robin,
+    time_rounds,
+    verdict_text,
+)
 from pst_yolo.ops import coarse_attention_with_scores
 
 CPU = torch.device("cpu")
@@ -19,6 +28,17 @@ def test_round_robin_interleaves_variants_after_warmup():
     medians = time_round_robin({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3, 2, CPU)
     assert calls == ["a", "b"] * 5
     assert set(medians) == {"a", "b"} and all(ms >= 0 for ms in medians.values())
+
+
+def test_ratios_within_rounds():
+    """time_rounds keeps every round; median_over_rounds takes a ratio within each round, then the median: a slow
+    stretch spanning a round (every call of round 2 ten times slower) leaves it at 2, where the medians would not."""
+    rounds = time_rounds({"a": lambda: None, "b": lambda: None}, 3, 1, CPU)
+    assert set(rounds) == {"a", "b"} and all(len(t) == 3 for t in rounds.values())
+    slow_round = {"a": [1.0, 10.0, 1.0, 10.0], "b": [2.0, 20.0, 2.0, 20.0], "c": [0.0, 0.0, 0.0, 0.0]}
+    assert median_over_rounds(slow_round, lambda ms: ms["b"] / ms["a"]) == 2.0
+    uneven = {"a": [1.0, 1.0, 10.0], "b": [3.0, 20.0, 20.0]}
+    assert median_over_rounds(uneven, lambda ms: ms["b"] / ms["a"]) == 3.0  # ratios 3, 20, 2
 
 
 def test_cpu_peak_memory_counts_live_tensors_only():

@@ -160,3 +160,15 @@ def test_onnx_thread_pools_times_every_setup(tmp_path):
     rows = [line for line in result.stdout.splitlines() if line.startswith(("| own", "| shared", "| alone"))]
     assert len(rows) == 3, result.stdout
     assert all(float(cell) > 0 for row in rows for cell in row.split("|")[2:5]), rows
+
+
+def test_round_ratios_prints_both_estimators(tmp_path):
+    """Smoke run of scripts/round_ratios.py: both estimators of both ratios for every block, in a fresh process."""
+    result = run_script(
+        "round_ratios.py", "--imgsz", "64", "--processes", "1", "--blocks", "2", "--rounds", "2", "--warmup", "0",
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| k=0", "| k=8"))]
+    assert len(rows) == 4, result.stdout
+    assert all(float(cell) > 0 for row in rows for cell in row.split("|")[2:4]), rows
