@@ -181,9 +181,9 @@ def median_over_rounds(rounds: dict[str, list[float]], of_round: Callable[[dict[
     variants).
 
     A ratio taken within each round compares calls made moments apart: a slower stretch of a shared machine that
-    spans the round slows both and cancels, where it moves the ratio of the two medians. On the 2-core VM of runs
-    W and X the two estimators of YOLO11n-PST k=8 / k=0 in eight 10-round blocks (1 thread) spread over 1.00-1.07
-    and 0.94-1.09 (docs/BENCHMARKS.md).
+    spans the round slows both and cancels, where it moves the ratio of the two medians. YOLO11n-PST k=8 / k=0 in
+    eight 10-round blocks on the 2-core VM of runs U to X (``scripts/round_ratios.py``): standard deviation 0.022
+    within rounds against 0.032 of the medians with 1 thread, 0.043 against 0.108 with 2 (docs/BENCHMARKS.md).
     """
     count = len(next(iter(rounds.values())))
     return statistics.median(of_round({name: times[i] for name, times in rounds.items()}) for i in range(count))
@@ -634,7 +634,9 @@ def bench_target_models(args, device: str, onnx_folder: str | None) -> tuple[int
     that of k / k=0 is 1 + the attention nodes the k graph adds (the eq. 3 key sums, the fine attention's products
     and softmax) / k=0.
 
-    Returns this process's id and ``{"<runtime> <ratio>": value, "<runtime> <ratio> bound": bound, ...}``.
+    Every ratio and bound is taken within each round and the median over the rounds reported
+    (:func:`median_over_rounds`). Returns this process's id and ``{"<runtime> <ratio>": value, "<runtime> <ratio>
+    bound": bound, ...}``.
     """
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -1176,8 +1178,10 @@ def model_spread_line(results: dict) -> str:
         return "Model-latency targets: not measured (--models lacks yolo12n or yolo11n-pst)."
     lists = [f"{name}: " + ", ".join(f"{run['ratios'][name]:.3f}" for run in runs) for name in runs[0]["ratios"]]
     return (
-        f"Model-latency target ratios and their bounds in each of the {len(runs)} processes the target models ran "
-        "in, in run order: " + "; ".join(lists) + "; the targets take the median of each."
+        f"Model-latency target ratios and their bounds (each the median over its rounds of the value within a round) "
+        f"in each of the {len(runs)} processes the target models ran in, in run order: "
+        + "; ".join(lists)
+        + "; the targets take the median of each."
     )
 
 
