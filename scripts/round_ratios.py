@@ -45,6 +45,7 @@ def time_blocks(args: argparse.Namespace) -> list[dict[str, float]]:
         median_over_rounds,
         medians,
         model_variants,
+        ratio_of,
         time_rounds,
     )
 
@@ -63,7 +64,7 @@ def time_blocks(args: argparse.Namespace) -> list[dict[str, float]]:
             block = {}
             for name, (num, den) in RATIOS.items():
                 block[f"{name} of medians"] = ms[num] / ms[den]
-                block[f"{name} per round"] = median_over_rounds(rounds, lambda t, n=num, d=den: t[n] / t[d])
+                block[f"{name} per round"] = median_over_rounds(rounds, ratio_of(num, den))
             blocks.append(block)
     return blocks
 

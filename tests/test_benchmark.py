@@ -13,6 +13,7 @@ from pst_yolo.tools.benchmark import (
     median_over_rounds,
     op_flops,
     peak_memory_mb,
+    ratio_of,
     target,
     time_round_robin,
     time_rounds,
@@ -36,9 +37,9 @@ def test_ratios_within_rounds():
     rounds = time_rounds({"a": lambda: None, "b": lambda: None}, 3, 1, CPU)
     assert set(rounds) == {"a", "b"} and all(len(t) == 3 for t in rounds.values())
     slow_round = {"a": [1.0, 10.0, 1.0, 10.0], "b": [2.0, 20.0, 2.0, 20.0], "c": [0.0, 0.0, 0.0, 0.0]}
-    assert median_over_rounds(slow_round, lambda ms: ms["b"] / ms["a"]) == 2.0
+    assert median_over_rounds(slow_round, ratio_of("b", "a")) == 2.0
     uneven = {"a": [1.0, 1.0, 10.0], "b": [3.0, 20.0, 20.0]}
-    assert median_over_rounds(uneven, lambda ms: ms["b"] / ms["a"]) == 3.0  # ratios 3, 20, 2
+    assert median_over_rounds(uneven, ratio_of("b", "a")) == 3.0  # ratios 3, 20, 2
 
 
 def test_cpu_peak_memory_counts_live_tensors_only():

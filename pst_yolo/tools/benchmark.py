@@ -189,6 +189,11 @@ def median_over_rounds(rounds: dict[str, list[float]], of_round: Callable[[dict[
     return statistics.median(of_round({name: times[i] for name, times in rounds.items()}) for i in range(count))
 
 
+def ratio_of(numerator: str, denominator: str) -> Callable[[dict[str, float]], float]:
+    """One round's ``numerator`` time / ``denominator`` time, for :func:`median_over_rounds`."""
+    return lambda ms: ms[numerator] / ms[denominator]
+
+
 class LiveTensorBytes(TorchDispatchMode):
     """Peak bytes of tensor storage created inside the ``with`` block and alive at the same time.
 
@@ -416,7 +421,7 @@ def forward_with_topk(model: torch.nn.Module, topk: int | None, backend: str, x:
 
 def time_models_eager(
     args, variants: dict, x: torch.Tensor, device, also: dict[str, Callable] | None = None
-) -> dict[str, float]:
+) -> dict[str, list[float]]:
     """ms of each variant (:func:`model_variants`) on ``x`` and of each call in ``also`` in every round
     (:func:`time_rounds`), round-robin under ``inference_mode``."""
     calls = {label: forward_with_topk(*variant[:3], x) for label, variant in variants.items()} | (also or {})
@@ -656,22 +661,16 @@ def bench_target_models(args, device: str, onnx_folder: str | None) -> tuple[int
     def passes(ms):
         return sum(ms[f"{COARSE_PASS} {level}"] for level in levels)
 
-    values = {
-        f"pytorch {name}": per_round(lambda ms, num=numerator, den=denominator: ms[num] / ms[den])
-        for name, (numerator, denominator) in labels.items()
-    }
+    values = {f"pytorch {name}": per_round(ratio_of(*pair)) for name, pair in labels.items()}
     values[f"pytorch {k0_ratio} bound"] = 1 + per_round(lambda ms: bare(ms) / ms[baseline])
     values[f"pytorch {fine_ratio} bound"] = 1 + per_round(lambda ms: (passes(ms) - bare(ms)) / ms[k0])
-    values["pytorch op k=8 / bare SDPA"] = per_round(lambda ms: ms["op k=8 P3"] / ms["bare sdpa P3"])
-    values["pytorch op k=8 / bare SDPA bound"] = per_round(lambda ms: ms[f"{COARSE_PASS} P3"] / ms["bare sdpa P3"])
+    values["pytorch op k=8 / bare SDPA"] = per_round(ratio_of("op k=8 P3", "bare sdpa P3"))
+    values["pytorch op k=8 / bare SDPA bound"] = per_round(ratio_of(f"{COARSE_PASS} P3", "bare sdpa P3"))
     if onnx_folder is not None:
         paths = {label: onnx_graph_path(onnx_folder, label, 1) for label in variants}
         feed = {"images": x.cpu().numpy()}
         ort_rounds = time_onnx_graphs(args, paths, feed)
-        ort_ratios = {
-            name: median_over_rounds(ort_rounds, lambda ms, num=numerator, den=denominator: ms[num] / ms[den])
-            for name, (numerator, denominator) in labels.items()
-        }
+        ort_ratios = {name: median_over_rounds(ort_rounds, ratio_of(*pair)) for name, pair in labels.items()}
         values |= {f"onnxruntime {name}": value for name, value in ort_ratios.items()}
         scopes = psa_scopes(variants[k0][0])
         shares = {
