@@ -121,6 +121,10 @@ def test_quick_run_writes_every_table(tmp_path):
     assert fine_ort["value"] == run["ratios"]["onnxruntime k=8 / k=0"]
     assert fine_ort["bound"] == run["ratios"]["onnxruntime k=8 / k=0 bound"] > 1, "the key sums and fine attention"
     assert fine_ort["from_bound"] == pytest.approx(fine_ort["value"] - fine_ort["bound"])
+    (train_run,) = saved["train_processes"]  # the training ratio and ceiling, taken within rounds in this process
+    training = by_name["train step throughput YOLO11n-PST / YOLO12n"]
+    assert training["value"] == train_run["ratio"] > 0 and training["bound"] == train_run["ceiling"] > 0
+    assert {r["pid"] for r in saved["train"]} == {train_run["pid"]}
     assert (tmp_path / "bench.png").stat().st_size > 0
 
 
@@ -170,7 +174,7 @@ def test_cli_dispatches_bench():
 @pytest.mark.slow
 def test_training_section_reports_the_median_of_fresh_processes():
     """Three fresh processes, one after the other: every ratio is reported and the rows are the median process's."""
-    from pst_yolo.tools.benchmark import bench_train_in_processes, parse_args, training_ratio
+    from pst_yolo.tools.benchmark import bench_train_in_processes, parse_args
 
     args = parse_args(["--quick", "--train-processes", "3", "--threads", "1"])
     rows, spread = bench_train_in_processes(args, CPU)
@@ -178,7 +182,8 @@ def test_training_section_reports_the_median_of_fresh_processes():
     assert len(ratios) == 3 and all(r > 0 for r in ratios)
     assert len({run["pid"] for run in spread} | {os.getpid()}) == 4, "each in a fresh process"
     assert all(run["ceiling"] > 0 for run in spread)
-    assert training_ratio(rows) == sorted(ratios)[1]
+    (median,) = [run for run in spread if run["ratio"] == sorted(ratios)[1]]
+    assert {r["pid"] for r in rows} == {median["pid"]}
     assert {r["model"] for r in rows} == {"yolo12n", "yolo11n-pst"}
 
 

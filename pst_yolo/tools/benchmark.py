@@ -849,7 +849,7 @@ def counting_page_faults(fn: Callable[[], object], counts: list[int]) -> Callabl
     return run
 
 
-def bench_train(args, device) -> list[dict]:
+def bench_train(args, device) -> tuple[list[dict], dict[str, float | None]]:
     """ms per training iteration: forward + loss + backward, plus 1/accumulate of an optimizer step (with the
     trainer's accumulate = round(nbs / batch), nbs = 64), each part timed round-robin across the models.
 
@@ -858,6 +858,10 @@ def bench_train(args, device) -> list[dict]:
     in the PST model), the Ultralytics ``Conv`` modules inside its PST layers (``convs_ms``) and the attention kernel at
     its PSA layers' shapes (``attention_ms``). ``page_faults``: median minor page faults per forward+backward (the CPU
     allocator returning memory to the OS and faulting it back in; it moves from run to run).
+
+    Returns the rows (per model, medians over the rounds) and the training ratio and its ceiling
+    (:func:`training_ratio`, :func:`training_ceiling`), each taken within every round and the median over the rounds
+    reported (:func:`median_over_rounds`); None without both models.
     """
     from ultralytics.cfg import get_cfg
     from ultralytics.nn.modules import Conv
@@ -880,11 +884,12 @@ def bench_train(args, device) -> list[dict]:
         if is_pst(model):
             calls[f"{name} convs"] = layers_forward_backward(model, images, pst_rows, Conv)
             calls[f"{name} attention"] = attention_forward_backward(psa_attention_shapes(model, images), device)
-    ms = time_round_robin(calls, args.train_steps, 1, device, args.clock)
+    rounds = time_rounds(calls, args.train_steps, 1, device, args.clock)
+    ms = medians(rounds)
     rows = []
     for n in names:
         fb, opt = ms[f"{n} forward+backward"], ms[f"{n} optimizer"]
-        iteration = fb + opt / accumulate
+        iteration = iteration_ms(ms, n, accumulate)
         rows.append(
             {"model": n, "batch": batch_size, "imgsz": args.train_imgsz, "accumulate": accumulate, "ms": iteration,
              "forward_backward_ms": fb, "optimizer_ms": opt, "images_per_s": 1e3 * batch_size / iteration,
@@ -893,12 +898,33 @@ def bench_train(args, device) -> list[dict]:
              "convs_ms": ms.get(f"{n} convs"), "attention_ms": ms.get(f"{n} attention")}
         )  # fmt: skip
     print("train iteration: " + ", ".join(f"{r['model']}: {r['ms']:.0f} ms" for r in rows))
-    return rows
+    both = {"yolo12n", "yolo11n-pst"} <= set(names)
+    ratios = {
+        name: median_over_rounds(rounds, partial(of_round, accumulate=accumulate)) if both else None
+        for name, of_round in (("ratio", training_ratio), ("ceiling", training_ceiling))
+    }
+    return rows, ratios
 
 
-def training_ratio(rows: list[dict]) -> float | None:
-    """Training throughput YOLO11n-PST / YOLO12n of one :func:`bench_train` result (None without both models)."""
-    return ratio(find(rows, model="yolo12n"), find(rows, model="yolo11n-pst"), "ms")
+def iteration_ms(ms: dict[str, float], model: str, accumulate: int) -> float:
+    """One training iteration of ``model`` from :func:`bench_train`'s call times ``ms`` (one round's, or medians):
+    forward+backward plus 1/accumulate of the optimizer step."""
+    return ms[f"{model} forward+backward"] + ms[f"{model} optimizer"] / accumulate
+
+
+def training_ratio(ms: dict[str, float], accumulate: int) -> float:
+    """Training throughput YOLO11n-PST / YOLO12n from :func:`bench_train`'s call times ``ms``."""
+    return iteration_ms(ms, "yolo12n", accumulate) / iteration_ms(ms, "yolo11n-pst", accumulate)
+
+
+def training_ceiling(ms: dict[str, float], accumulate: int) -> float:
+    """Training ratio YOLO11n-PST / YOLO12n from :func:`bench_train`'s call times ``ms`` if everything in PST's layers
+    besides its Ultralytics Conv modules (the paper's convolutions with their BatchNorm and activation) and the
+    attention kernel cost nothing, and the rest of the two networks (the same rows) cost the same: baseline /
+    (baseline - replaced layers + convs + attention)."""
+    baseline = iteration_ms(ms, "yolo12n", accumulate)
+    parts = ms["yolo11n-pst convs"] + ms["yolo11n-pst attention"]
+    return baseline / (baseline - ms["yolo12n layers"] + parts)
 
 
 def bench_train_in_processes(args, device) -> tuple[list[dict], list[dict]]:
@@ -907,22 +933,23 @@ def bench_train_in_processes(args, device) -> tuple[list[dict], list[dict]]:
     The training ratio moves from process to process by more than from round to round (by up to 0.1 on a shared
     2-core VM: where each model's memory lands, and the allocator's page faults), so one process does not rank it.
     Returns the rows of the process with the median ratio (the lower middle for an even count), and each process's
-    id, ratio and ceiling in run order.
+    id, ratio and ceiling in run order; the target takes the median of each over the processes.
     """
     if args.train_processes == 1:
-        runs = [(os.getpid(), bench_train(args, device))]  # (process id, rows)
+        runs = [(os.getpid(), *bench_train(args, device))]  # (process id, rows, ratio and ceiling)
     else:
         runs = in_fresh_processes(args.train_processes, bench_train_fresh, args, str(device))
-    spread = [{"pid": pid, "ratio": training_ratio(rows), "ceiling": training_ceiling(rows)} for pid, rows in runs]
+    spread = [{"pid": pid, **ratios} for pid, _, ratios in runs]
     order = sorted(range(len(runs)), key=lambda i: -1.0 if spread[i]["ratio"] is None else spread[i]["ratio"])
-    return runs[order[(len(runs) - 1) // 2]][1], spread
+    pid, rows, _ = runs[order[(len(runs) - 1) // 2]]
+    return [row | {"pid": pid} for row in rows], spread
 
 
-def bench_train_fresh(args, device: str) -> tuple[int, list[dict]]:
-    """:func:`bench_train` as a fresh process runs it (``args.threads`` threads, seed 0), with that process's id."""
+def bench_train_fresh(args, device: str) -> tuple[int, list[dict], dict[str, float | None]]:
+    """:func:`bench_train` as a fresh process runs it (``args.threads`` threads, seed 0), after that process's id."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    return os.getpid(), bench_train(args, torch.device(device))
+    return os.getpid(), *bench_train(args, torch.device(device))
 
 
 # ------------------------------------------------------------------------------------------------ the targets
@@ -987,27 +1014,16 @@ def model_flops(variants: dict, names: tuple[str, ...], imgsz: int) -> dict[str,
     return flops
 
 
-def training_ceiling(rows: list[dict]) -> float | None:
-    """Training ratio YOLO11n-PST / YOLO12n of one :func:`bench_train` result if everything in PST's layers besides its
-    Ultralytics Conv modules (the paper's convolutions with their BatchNorm and activation) and the attention kernel
-    cost nothing, and the rest of the two networks (the same rows) cost the same: baseline / (baseline - replaced
-    layers + convs + attention). None without both models."""
-    baseline, pst = find(rows, model="yolo12n"), find(rows, model="yolo11n-pst")
-    if not baseline or not pst or None in (baseline["replaced_layers_ms"], pst["convs_ms"], pst["attention_ms"]):
-        return None
-    parts = pst["convs_ms"] + pst["attention_ms"]
-    return baseline["ms"] / (baseline["ms"] - baseline["replaced_layers_ms"] + parts)
-
-
 def targets(results: dict, model_topk: int) -> list[dict]:
     """The project's performance targets, their bounds and diagnostics as ratios of this run's numbers.
 
     The model-latency ratios, their bounds and the op-latency ratio are medians over the target processes
-    (:func:`bench_target_models`); each target row also gives the median over those processes of ratio - bound. The
-    training ratio and ceiling are the median training process's (:func:`bench_train_in_processes`).
+    (:func:`bench_target_models`), the training ratio and its ceiling medians over the training processes
+    (:func:`bench_train`); each target row also gives the median over its processes of ratio - bound.
     """
-    op, train, score = results["op"], results["train"], results["score_step"]
+    op, score = results["op"], results["score_step"]
     runs = [run["ratios"] for run in results.get("model_processes", [])]
+    train_runs = [run for run in results["train_processes"] if None not in (run["ratio"], run["ceiling"])]
     sdpa_k0, sdpa_k8, naive_k8 = (
         find(op, imgsz=TARGET_SHAPE[0], level=TARGET_SHAPE[1], backend=b, topk=k)
         for b, k in (("sdpa", 0), ("sdpa", 8), ("naive", 8))
@@ -1046,8 +1062,8 @@ def targets(results: dict, model_topk: int) -> list[dict]:
         ),
         "training": target(
             "ceiling of the training ratio: YOLO12n / (YOLO12n - its layers at PST's rows + PST's Conv modules + "
-            "attention kernel), forward+backward each alone",
-            training_ceiling(train),
+            "attention kernel), forward+backward each alone (median over the training processes)",
+            median_or_none([run["ceiling"] for run in train_runs]),
         ),
         ("pytorch", fine_ratio): target(
             f"bound of the fine-attention ratio (PyTorch): 1 + (eq. 2+3 pass - bare SDPA) at P3 and P4 / k=0 model "
@@ -1065,7 +1081,6 @@ def targets(results: dict, model_topk: int) -> list[dict]:
         ),
     }  # fmt: skip
     train_ceiling = bound_rows["training"]["value"]
-    train_runs = [run for run in results["train_processes"] if None not in (run["ratio"], run["ceiling"])]
     train_from_ceiling = median_or_none([run["ratio"] - run["ceiling"] for run in train_runs])
     if results["imgsz"] == TARGET_SHAPE[0] and median(op_key) is not None:
         op_latency = model_target(f"{op_label} latency ({per_process})", op_key, 2.0, bound_rows["op"])
@@ -1080,7 +1095,8 @@ def targets(results: dict, model_topk: int) -> list[dict]:
         op_latency,
         target(f"{op_label} peak memory", sdpa_k8 and sdpa_k8["x_sdpa_mem"], "<=", 4.0),
         target(
-            "train step throughput YOLO11n-PST / YOLO12n", training_ratio(train), ">=", 0.95, train_ceiling,
+            "train step throughput YOLO11n-PST / YOLO12n", median_or_none([run["ratio"] for run in train_runs]), ">=", 0.95,
+            train_ceiling,
             train_from_ceiling,
         ),
     ]  # fmt: skip
@@ -1192,8 +1208,9 @@ def training_spread_line(results: dict) -> str:
 
     runs = ", ".join(f"{number(r['ratio'])} (ceiling {number(r['ceiling'])})" for r in results["train_processes"])
     return (
-        f"Training ratio YOLO11n-PST / YOLO12n in each process the training section ran in, in run order: {runs}; "
-        "the training table and target are the median process's."
+        "Training ratio YOLO11n-PST / YOLO12n and its ceiling (each the median over its rounds of the value within a "
+        f"round) in each process the training section ran in, in run order: {runs}; the target takes the median of "
+        "each; the training table shows the process whose ratio is the median."
     )
 
 
