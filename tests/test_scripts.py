@@ -18,8 +18,8 @@ TRAIN_VAL = ("train_coco.py", "val_coco.py", "train_imagenet.py", "val_imagenet.
 def run_script(name: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     """Run scripts/<name> offline with a private Ultralytics config dir."""
     env = {**os.environ, "YOLO_OFFLINE": "true", "YOLO_AUTOINSTALL": "false", "YOLO_CONFIG_DIR": str(tmp_path / "cfg")}
-    return subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True, env=env,
-                          timeout=180, cwd=tmp_path)  # fmt: skip
+    return subprocess.run([sys.executable, str(SCRIPTS / name), *args], check=False, capture_output=True, text=True,
+                          env=env, timeout=180, cwd=tmp_path)  # fmt: skip
 
 
 def make_coco(root: Path) -> Path:
@@ -172,3 +172,12 @@ def test_round_ratios_prints_both_estimators(tmp_path):
     rows = [line for line in result.stdout.splitlines() if line.startswith(("| k=0", "| k=8"))]
     assert len(rows) == 4, result.stdout
     assert all(float(cell) > 0 for row in rows for cell in row.split("|")[2:4]), rows
+
+
+def test_training_spread_prints_both_estimators_and_the_ceiling(tmp_path):
+    """Smoke run of scripts/training_spread.py: each estimator of the training ratio and the ceiling per process."""
+    result = run_script("training_spread.py", "--quick", "--processes", "2", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| of medians", "| per round", "| ceil"))]
+    assert len(rows) == 3, result.stdout
+    assert all(float(cell) > 0 for row in rows for cell in row.split("|")[2:5]), rows
