@@ -181,3 +181,14 @@ def test_training_spread_prints_both_estimators_and_the_ceiling(tmp_path):
     rows = [line for line in result.stdout.splitlines() if line.startswith(("| of medians", "| per round", "| ceil"))]
     assert len(rows) == 3, result.stdout
     assert all(float(cell) > 0 for row in rows for cell in row.split("|")[2:5]), rows
+
+
+def test_topk_profile_prints_each_op_at_both_topk(tmp_path):
+    """Smoke run of scripts/topk_profile.py: per-op self times at k=0 and k=8, their difference and the totals."""
+    result = run_script("topk_profile.py", "--imgsz", "64", "--rounds", "1", "--warmup", "0", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| aten::")]
+    assert rows and all(len(row.split("|")) == 6 for row in rows), result.stdout
+    (total,) = [line for line in result.stdout.splitlines() if line.startswith("| all ops")]
+    k0, k8, difference = (float(cell) for cell in total.split("|")[2:5])
+    assert k0 > 0 and k8 > 0 and difference == pytest.approx(k8 - k0, abs=2e-3)
