@@ -931,7 +931,8 @@ def bench_train_in_processes(args, device) -> tuple[list[dict], list[dict]]:
     """:func:`bench_train` in ``args.train_processes`` fresh processes, one after the other; with 1, in this one.
 
     The training ratio moves from process to process by more than from round to round (by up to 0.1 on a shared
-    2-core VM: where each model's memory lands, and the allocator's page faults), so one process does not rank it.
+    2-core VM; neither the allocator's page faults nor huge pages remove it, docs/BENCHMARKS.md), so one process does
+    not rank it.
     Returns the rows of the process with the median ratio (the lower middle for an even count), and each process's
     id, ratio and ceiling in run order; the target takes the median of each over the processes.
     """
@@ -946,7 +947,7 @@ def bench_train_in_processes(args, device) -> tuple[list[dict], list[dict]]:
 
 
 def bench_train_fresh(args, device: str) -> tuple[int, list[dict], dict[str, float | None]]:
-    """:func:`bench_train` as a fresh process runs it (``args.threads`` threads, seed 0), after that process's id."""
+    """:func:`bench_train` as a fresh process runs it (``args.threads`` threads, seed 0), with that process's id first."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     return os.getpid(), *bench_train(args, torch.device(device))
