@@ -6,9 +6,12 @@ prints, per process:
 
 - ``of medians``: YOLO12n's median iteration / YOLO11n-PST's (the benchmark until run X);
 - ``per round``: the median over the rounds of that ratio within one round (the benchmark since run Y);
-- ``ceiling``: the training ceiling, per round as the benchmark takes it.
+- ``ceiling``: the training ceiling, per round as the benchmark takes it;
+- ``per round - ceiling``: how far the code is from that ceiling, in the same process.
 
-and the median and standard deviation of each over the processes. Usage (the figures of docs/BENCHMARKS.md):
+and the median, the standard deviation and the mean with its 95% confidence interval (Student's t) of each over the
+processes: whether the mean sits above or below the target 0.95 at that confidence. Usage (the figures of
+docs/BENCHMARKS.md):
 
     python scripts/training_spread.py --threads 1 --processes 6
 """
@@ -41,16 +44,32 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     for _, rows, within in runs:
         ms = {row["model"]: row["ms"] for row in rows}
         of_medians = ms["yolo12n"] / ms["yolo11n-pst"]
-        processes.append({"of medians": of_medians, "per round": within["ratio"], "ceiling": within["ceiling"]})
+        processes.append(
+            {"of medians": of_medians, "per round": within["ratio"], "ceiling": within["ceiling"],
+             "per round - ceiling": within["ratio"] - within["ceiling"]}
+        )  # fmt: skip
     print(f"\n{args.threads} thread(s), {'process CPU time' if clock == 'cpu' else 'wall clock'}")
-    print("| estimator | " + " | ".join(f"process {i + 1}" for i in range(len(processes))) + " | median | sd |")
-    print("|---|" + "---|" * (len(processes) + 2))
+    columns = " | ".join(f"process {i + 1}" for i in range(len(processes)))
+    print(f"| estimator | {columns} | median | sd | mean [95% CI] |")
+    print("|---|" + "---|" * (len(processes) + 3))
     for key in processes[0]:
         values = [process[key] for process in processes]
+        mean, low, high = mean_confidence_interval(values)
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         cells = " | ".join(f"{v:.3f}" for v in values)
-        print(f"| {key} | {cells} | {statistics.median(values):.3f} | {sd:.3f} |")
+        print(f"| {key} | {cells} | {statistics.median(values):.3f} | {sd:.3f} | {mean:.3f} [{low:.3f}, {high:.3f}] |")
     return processes
+
+
+def mean_confidence_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean of ``values`` and the two ends of its Student's t confidence interval (the mean twice for one value)."""
+    from scipy import stats  # an Ultralytics dependency
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, mean, mean
+    half = stats.t.ppf((1 + confidence) / 2, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return mean, mean - half, mean + half
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -174,13 +175,27 @@ def test_round_ratios_prints_both_estimators(tmp_path):
     assert all(float(cell) > 0 for row in rows for cell in row.split("|")[2:4]), rows
 
 
-def test_training_spread_prints_both_estimators_and_the_ceiling(tmp_path):
-    """Smoke run of scripts/training_spread.py: each estimator of the training ratio and the ceiling per process."""
+def test_training_spread_prints_both_estimators_the_ceiling_and_confidence_intervals(tmp_path):
+    """Smoke run of scripts/training_spread.py: each estimator of the training ratio, the ceiling and the code's
+    distance from it per process, with the mean and its 95% Student's t interval over the processes."""
     result = run_script("training_spread.py", "--quick", "--processes", "2", tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith(("| of medians", "| per round", "| ceil"))]
-    assert len(rows) == 3, result.stdout
-    assert all(float(cell) > 0 for row in rows for cell in row.split("|")[2:5]), rows
+    table = {}
+    for line in result.stdout.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if cells[0] in ("of medians", "per round", "ceiling", "per round - ceiling"):
+            table[cells[0]] = cells[1:]
+    assert len(table) == 4, result.stdout
+    for key in ("of medians", "per round", "ceiling"):
+        assert all(float(cell) > 0 for cell in table[key][:2]), table
+    distance = [float(a) - float(b) for a, b in zip(table["per round"][:2], table["ceiling"][:2])]
+    assert [float(cell) for cell in table["per round - ceiling"][:2]] == pytest.approx(distance, abs=2e-3)
+    for cells in table.values():  # process 1, process 2, median, sd, mean [95% CI]
+        values, sd = [float(cell) for cell in cells[:2]], float(cells[3])
+        mean, low, high = (float(x) for x in re.fullmatch(r"(\S+) \[(\S+), (\S+)\]", cells[4]).groups())
+        assert mean == pytest.approx(sum(values) / 2, abs=2e-3)
+        half = 12.706 * sd / 2**0.5  # t at 97.5% with one degree of freedom
+        assert (low, high) == pytest.approx((mean - half, mean + half), abs=0.01)  # sd printed to 3 decimals
 
 
 def test_topk_profile_prints_each_op_at_both_topk(tmp_path):
