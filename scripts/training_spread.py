@@ -54,22 +54,23 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     print("|---|" + "---|" * (len(processes) + 3))
     for key in processes[0]:
         values = [process[key] for process in processes]
-        mean, low, high = mean_confidence_interval(values)
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        sd, mean, low, high = spread(values)
         cells = " | ".join(f"{v:.3f}" for v in values)
         print(f"| {key} | {cells} | {statistics.median(values):.3f} | {sd:.3f} | {mean:.3f} [{low:.3f}, {high:.3f}] |")
     return processes
 
 
-def mean_confidence_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
-    """Mean of ``values`` and the two ends of its Student's t confidence interval (the mean twice for one value)."""
+def spread(values: list[float], confidence: float = 0.95) -> tuple[float, float, float, float]:
+    """Standard deviation of ``values``, their mean and the two ends of its Student's t confidence interval (for one
+    value: sd 0 and the mean three times)."""
     from scipy import stats  # an Ultralytics dependency
 
     mean = statistics.fmean(values)
     if len(values) < 2:
-        return mean, mean, mean
-    half = stats.t.ppf((1 + confidence) / 2, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
-    return mean, mean - half, mean + half
+        return 0.0, mean, mean, mean
+    sd = statistics.stdev(values)
+    half = stats.t.ppf((1 + confidence) / 2, len(values) - 1) * sd / len(values) ** 0.5
+    return sd, mean, mean - half, mean + half
 
 
 if __name__ == "__main__":
