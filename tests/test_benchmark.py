@@ -98,6 +98,9 @@ def test_quick_run_writes_every_table(tmp_path):
     assert 0 < pst_train["attention_ms"] < pst_train["ms"] and 0 < pst_train["convs_ms"] < pst_train["ms"]
     assert 0 < pst_train["replaced_layers_ms"] < pst_train["ms"]
     assert train["yolo12n"]["attention_ms"] is None and train["yolo12n"]["convs_ms"] is None
+    assert 0 < pst_train["conv_kernels_ms"] < pst_train["ms"]  # PST's kernels' throughput, beside a GEMM's
+    assert all(pst_train[key] > 0 for key in ("conv_gflops", "attention_gflops", "gemm_gflops"))
+    assert all(train["yolo12n"][key] is None for key in ("conv_kernels_ms", "conv_gflops", "gemm_gflops"))
     assert train["yolo12n"]["replaced_layers"] == pst_train["replaced_layers"] == "11, 14"
     assert 0 < train["yolo12n"]["replaced_layers_ms"] < train["yolo12n"]["ms"]
     assert all(r["page_faults"] is None or r["page_faults"] >= 0 for r in train.values())
@@ -172,6 +175,41 @@ def test_cli_dispatches_bench():
 
 
 @pytest.mark.slow
+def test_training_flops_count_each_conv_and_attention_product():
+    """Conv FLOPs against torch's own counter (1x1 convs) and a hand count (depthwise: the counter's backward ignores
+    groups); attention: q k^T and p v forward, four products backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from ultralytics.nn.tasks import DetectionModel
+
+    from pst_yolo.nn import PST
+    from pst_yolo.tools.benchmark import attention_training_flops, conv_training_flops, psa_attention_shapes
+
+    model = DetectionModel("yolo11n-pst.yaml", verbose=False).train()
+    images = torch.rand(2, 3, 64, 64)
+    rows = [m.i for m in model.model if isinstance(m, PST)]
+    inputs = {}
+    convs = [m for i in rows for m in model.model[i].modules() if isinstance(m, torch.nn.Conv2d)]
+    hooks = [m.register_forward_pre_hook(lambda m, args: inputs.setdefault(m, args[0].detach())) for m in convs]
+    with torch.no_grad():
+        model(images)
+    for hook in hooks:
+        hook.remove()
+    expected = 0
+    for conv in convs:
+        x = inputs[conv].clone().requires_grad_()
+        if conv.groups == 1:
+            with FlopCounterMode(display=False) as counter:
+                conv(x).sum().backward()
+            expected += counter.get_total_flops()
+        else:  # depthwise 7x7: 2 MACs per output element and tap, three times (forward, input and weight gradients)
+            expected += 3 * 2 * conv(x).numel() * 49
+    assert any(conv.groups > 1 for conv in convs)
+    assert conv_training_flops(model, images, rows) == expected
+    shapes = psa_attention_shapes(model, images)
+    assert shapes == [(2, 2, 16, 4, 32), (2, 1, 64, 16, 32)]  # P4 4x4 over 2x2, P3 8x8 over 4x4
+    assert attention_training_flops(shapes) == 12 * 32 * (2 * 2 * 16 * 4 + 2 * 1 * 64 * 16)
+
+
 def test_training_section_reports_the_median_of_fresh_processes():
     """Three fresh processes, one after the other: every ratio is reported and the rows are the median process's."""
     from pst_yolo.tools.benchmark import bench_train_in_processes, parse_args

@@ -828,6 +828,43 @@ def layers_forward_backward(
     return run
 
 
+def conv_training_flops(model: torch.nn.Module, images: torch.Tensor, indices: list[int]) -> int:
+    """FLOPs of the forward and backward of every ``nn.Conv2d`` inside the layers ``model.model[i]``, i in
+    ``indices``, in one training step on ``images``: per conv 2 MACs forward, 2 for the input gradient and 2 for the
+    weight gradient, with MACs = output elements * input channels per group * kernel area."""
+    convs = [m for i in indices for m in model.model[i].modules() if isinstance(m, torch.nn.Conv2d)]
+    flops = []
+
+    def record(module, inputs, output):
+        kernel_area = module.kernel_size[0] * module.kernel_size[1]
+        flops.append(6 * output.numel() * module.in_channels // module.groups * kernel_area)
+
+    hooks = [m.register_forward_hook(record) for m in convs]
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sum(flops)
+
+
+def attention_training_flops(shapes: list[tuple[int, int, int, int, int]]) -> int:
+    """FLOPs of the attention matmuls in one training step at ``shapes`` (B, heads, N, M, head dim), from
+    :func:`psa_attention_shapes`: q k^T and p v forward (4 B h N M d), and the four products of their backward (dV,
+    dP, dQ, dK: 8 B h N M d). A fused kernel that recomputes q k^T in its backward does more than this."""
+    return sum(12 * b * h * n * m * d for b, h, n, m, d in shapes)
+
+
+def gemm_call(device: torch.device, size: int) -> tuple[Callable[[], object], int]:
+    """A size x size by size x size matrix product (float16 on CUDA, as AMP trains; float32 elsewhere) and its FLOPs,
+    to time in the same rounds as the kernels it is compared with."""
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=g).to(device, dtype) for _ in range(2))
+    return (lambda: a @ b), 2 * size**3
+
+
 def minor_page_faults() -> int | None:
     """Minor page faults of this process so far (None where the OS does not report them)."""
     try:
@@ -856,7 +893,10 @@ def bench_train(args, device) -> tuple[list[dict], dict[str, float | None]]:
     Also timed in the same rounds, forward and backward of parts alone, at the shapes and inputs of the training
     forward: each model's layers at the PST model's PST rows (``replaced_layers_ms``: A2C2f blocks in YOLO12n, PST
     in the PST model), the Ultralytics ``Conv`` modules inside its PST layers (``convs_ms``) and the attention kernel at
-    its PSA layers' shapes (``attention_ms``). ``page_faults``: median minor page faults per forward+backward (the CPU
+    its PSA layers' shapes (``attention_ms``). How fast PST's kernels run: the ``nn.Conv2d`` kernels alone inside its
+    PST layers (``conv_kernels_ms``) and the attention kernel, each as GFLOP/s (:func:`conv_training_flops`,
+    :func:`attention_training_flops`), beside a dense GEMM's timed in the same rounds (``gemm_gflops``; 1024^2 on
+    CPU). ``page_faults``: median minor page faults per forward+backward (the CPU
     allocator returning memory to the OS and faulting it back in; it moves from run to run).
 
     Returns the rows (per model, medians over the rounds) and the training ratio and its ceiling
@@ -878,14 +918,22 @@ def bench_train(args, device) -> tuple[list[dict], dict[str, float | None]]:
         models[name], forward_backward, calls[f"{name} optimizer"] = training_iteration(name, batch, device, accumulate)
         calls[f"{name} forward+backward"] = counting_page_faults(forward_backward, faults[name])
     pst_rows = next(([m.i for m in models[n].model if isinstance(m, PST)] for n in names if is_pst(models[n])), [])
+    flops = {}  # call name -> FLOPs of one call, for the calls whose throughput is reported
     for name, model in models.items():
         if pst_rows:
             calls[f"{name} layers"] = layers_forward_backward(model, images, pst_rows)
         if is_pst(model):
+            shapes = psa_attention_shapes(model, images)
             calls[f"{name} convs"] = layers_forward_backward(model, images, pst_rows, Conv)
-            calls[f"{name} attention"] = attention_forward_backward(psa_attention_shapes(model, images), device)
+            calls[f"{name} conv kernels"] = layers_forward_backward(model, images, pst_rows, torch.nn.Conv2d)
+            calls[f"{name} attention"] = attention_forward_backward(shapes, device)
+            flops[f"{name} conv kernels"] = conv_training_flops(model, images, pst_rows)
+            flops[f"{name} attention"] = attention_training_flops(shapes)
+    if flops:
+        calls["gemm"], flops["gemm"] = gemm_call(device, 1024 if device.type == "cpu" else 4096)
     rounds = time_rounds(calls, args.train_steps, 1, device, args.clock)
     ms = medians(rounds)
+    gflops = {call: count / ms[call] / 1e6 for call, count in flops.items()}
     rows = []
     for n in names:
         fb, opt = ms[f"{n} forward+backward"], ms[f"{n} optimizer"]
@@ -895,7 +943,10 @@ def bench_train(args, device) -> tuple[list[dict], dict[str, float | None]]:
              "forward_backward_ms": fb, "optimizer_ms": opt, "images_per_s": 1e3 * batch_size / iteration,
              "page_faults": statistics.median(faults[n]) if faults[n] else None,
              "replaced_layers": ", ".join(map(str, pst_rows)), "replaced_layers_ms": ms.get(f"{n} layers"),
-             "convs_ms": ms.get(f"{n} convs"), "attention_ms": ms.get(f"{n} attention")}
+             "convs_ms": ms.get(f"{n} convs"), "conv_kernels_ms": ms.get(f"{n} conv kernels"),
+             "attention_ms": ms.get(f"{n} attention"), "conv_gflops": gflops.get(f"{n} conv kernels"),
+             "attention_gflops": gflops.get(f"{n} attention"),
+             "gemm_gflops": gflops["gemm"] if f"{n} attention" in gflops else None}
         )  # fmt: skip
     print("train iteration: " + ", ".join(f"{r['model']}: {r['ms']:.0f} ms" for r in rows))
     both = {"yolo12n", "yolo11n-pst"} <= set(names)
@@ -1180,7 +1231,9 @@ def markdown_report(results: dict) -> str:
             ("accumulate", "accumulate", "d"), ("ms", "ms/iteration", ".0f"), ("images_per_s", "images/s", ".2f"),
             ("page_faults", "page faults", ".0f"), ("replaced_layers", "layers", "s"),
             ("replaced_layers_ms", "those layers alone ms", ".1f"), ("convs_ms", "their Conv modules ms", ".1f"),
-            ("attention_ms", "attention kernel ms", ".1f")]) + "\n\n" + training_spread_line(results),
+            ("conv_kernels_ms", "their conv kernels ms", ".1f"), ("attention_ms", "attention kernel ms", ".1f"),
+            ("conv_gflops", "conv kernels GFLOP/s", ".1f"), ("attention_gflops", "attention GFLOP/s", ".1f"),
+            ("gemm_gflops", "GEMM GFLOP/s, same rounds", ".1f")]) + "\n\n" + training_spread_line(results),
     ]  # fmt: skip
     return "\n\n".join(parts) + "\n"
 
