@@ -753,6 +753,17 @@ def training_iteration(name: str, batch: dict, device, accumulate: int) -> tuple
     return model, forward_backward, optimizer_step
 
 
+def forward_recording(model: torch.nn.Module, images: torch.Tensor, hooks: list) -> None:
+    """One forward of ``images`` without autograd for the ``hooks`` (handles of hooks that record what the modules
+    see) to record, which are removed afterwards."""
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def psa_attention_shapes(model: torch.nn.Module, images: torch.Tensor) -> list[tuple[int, int, int, int, int]]:
     """(B, heads, N, M, head dim) of the coarse attention of each PSA layer in one forward of ``images``."""
     from ..nn import PSAttn
@@ -763,13 +774,8 @@ def psa_attention_shapes(model: torch.nn.Module, images: torch.Tensor) -> list[t
         x, up = inputs  # (B, C, H, W), (B, C, Hu, Wu)
         shapes.append((len(x), module.num_heads, x.shape[2] * x.shape[3], up.shape[2] * up.shape[3], module.head_dim))
 
-    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, PSAttn)]
-    try:
-        with torch.no_grad():
-            model(images)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    attention_modules = [m for m in model.modules() if isinstance(m, PSAttn)]
+    forward_recording(model, images, [m.register_forward_pre_hook(record) for m in attention_modules])
     return shapes
 
 
@@ -805,12 +811,11 @@ def layers_forward_backward(
     if part_type is not None:
         modules = [m for layer in modules for m in layer.modules() if isinstance(m, part_type)]
     inputs = {}
-    hooks = [m.register_forward_pre_hook(lambda module, args: inputs.setdefault(module, args[0])) for m in modules]
-    try:
-        model(images)
-    finally:
-        for hook in hooks:
-            hook.remove()
+
+    def record(module, args):
+        inputs.setdefault(module, args[0])
+
+    forward_recording(model, images, [m.register_forward_pre_hook(record) for m in modules])
     g = torch.Generator().manual_seed(0)
     calls = []
     for m in modules:
@@ -839,13 +844,7 @@ def conv_training_flops(model: torch.nn.Module, images: torch.Tensor, indices: l
         kernel_area = module.kernel_size[0] * module.kernel_size[1]
         flops.append(6 * output.numel() * module.in_channels // module.groups * kernel_area)
 
-    hooks = [m.register_forward_hook(record) for m in convs]
-    try:
-        with torch.no_grad():
-            model(images)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    forward_recording(model, images, [m.register_forward_hook(record) for m in convs])
     return sum(flops)
 
 
