@@ -174,7 +174,6 @@ def test_cli_dispatches_bench():
     assert result.returncode == 0 and "--model-batches" in result.stdout
 
 
-@pytest.mark.slow
 def test_training_flops_count_each_conv_and_attention_product():
     """Conv FLOPs against torch's own counter (1x1 convs) and a hand count (depthwise: the counter's backward ignores
     groups); attention: q k^T and p v forward, four products backward."""
@@ -182,18 +181,21 @@ def test_training_flops_count_each_conv_and_attention_product():
     from ultralytics.nn.tasks import DetectionModel
 
     from pst_yolo.nn import PST
-    from pst_yolo.tools.benchmark import attention_training_flops, conv_training_flops, psa_attention_shapes
+    from pst_yolo.tools.benchmark import (
+        attention_training_flops,
+        conv_training_flops,
+        forward_recording,
+        psa_attention_shapes,
+    )
 
     model = DetectionModel("yolo11n-pst.yaml", verbose=False).train()
     images = torch.rand(2, 3, 64, 64)
     rows = [m.i for m in model.model if isinstance(m, PST)]
     inputs = {}
     convs = [m for i in rows for m in model.model[i].modules() if isinstance(m, torch.nn.Conv2d)]
-    hooks = [m.register_forward_pre_hook(lambda m, args: inputs.setdefault(m, args[0].detach())) for m in convs]
-    with torch.no_grad():
-        model(images)
-    for hook in hooks:
-        hook.remove()
+    forward_recording(
+        model, images, [m.register_forward_pre_hook(lambda m, args: inputs.setdefault(m, args[0])) for m in convs]
+    )
     expected = 0
     for conv in convs:
         x = inputs[conv].clone().requires_grad_()
@@ -210,6 +212,7 @@ def test_training_flops_count_each_conv_and_attention_product():
     assert attention_training_flops(shapes) == 12 * 32 * (2 * 2 * 16 * 4 + 2 * 1 * 64 * 16)
 
 
+@pytest.mark.slow
 def test_training_section_reports_the_median_of_fresh_processes():
     """Three fresh processes, one after the other: every ratio is reported and the rows are the median process's."""
     from pst_yolo.tools.benchmark import bench_train_in_processes, parse_args
