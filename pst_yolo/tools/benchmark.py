@@ -254,11 +254,19 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
     return probe.peak / 2**20
 
 
+def gemm_call(device: torch.device, size: int, dtype: torch.dtype) -> tuple[Callable[[], object], int]:
+    """A size x size by size x size matrix product in ``dtype`` on seeded random matrices, and its FLOPs, to time
+    alone or in the same rounds as the kernels it is compared with."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=g).to(device, dtype) for _ in range(2))
+    return (lambda: a @ b), 2 * size**3
+
+
 def gemm_gflops(device: torch.device, size: int, repeats: int, clock: str = "wall") -> float:
-    """Throughput of one large fp32 matrix product (size x size by size x size), GFLOP/s."""
-    a, b = (torch.randn(size, size, device=device) for _ in range(2))
-    ms = time_round_robin({"gemm": lambda: a @ b}, repeats, 1, device, clock)["gemm"]
-    return 2 * size**3 / (ms * 1e-3) / 1e9
+    """Throughput of one large fp32 matrix product (size x size by size x size, :func:`gemm_call`), GFLOP/s."""
+    call, flops = gemm_call(device, size, torch.float32)
+    ms = time_round_robin({"gemm": call}, repeats, 1, device, clock)["gemm"]
+    return flops / (ms * 1e-3) / 1e9
 
 
 # ---------------------------------------------------------------------------------------------------- the op
@@ -855,15 +863,6 @@ def attention_training_flops(shapes: list[tuple[int, int, int, int, int]]) -> in
     return sum(12 * b * h * n * m * d for b, h, n, m, d in shapes)
 
 
-def gemm_call(device: torch.device, size: int) -> tuple[Callable[[], object], int]:
-    """A size x size by size x size matrix product (float16 on CUDA, as AMP trains; float32 elsewhere) and its FLOPs,
-    to time in the same rounds as the kernels it is compared with."""
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    g = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(size, size, generator=g).to(device, dtype) for _ in range(2))
-    return (lambda: a @ b), 2 * size**3
-
-
 def minor_page_faults() -> int | None:
     """Minor page faults of this process so far (None where the OS does not report them)."""
     try:
@@ -929,7 +928,8 @@ def bench_train(args, device) -> tuple[list[dict], dict[str, float | None]]:
             flops[f"{name} conv kernels"] = conv_training_flops(model, images, pst_rows)
             flops[f"{name} attention"] = attention_training_flops(shapes)
     if flops:
-        calls["gemm"], flops["gemm"] = gemm_call(device, 1024 if device.type == "cpu" else 4096)
+        gemm_shape = (1024, torch.float32) if device.type == "cpu" else (4096, torch.float16)  # fp16: as AMP trains
+        calls["gemm"], flops["gemm"] = gemm_call(device, *gemm_shape)
     rounds = time_rounds(calls, args.train_steps, 1, device, args.clock)
     ms = medians(rounds)
     gflops = {call: count / ms[call] / 1e6 for call, count in flops.items()}
