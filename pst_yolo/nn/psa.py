@@ -106,10 +106,12 @@ class PSAttn(nn.Module):
             return 0
         return self.topk if self.topk_override is None else self.topk_override
 
+    @torch.no_grad()
     def fold_fine_norm(self) -> None:
         """Store the fine-statistics BN as an affine on the coarse-normalised K/V, before kv's BN is fused away.
 
-        With y = BN_upper(conv x), the fine-normalised value is y * sigma_u / sigma_f + shift (per channel).
+        With y = BN_upper(conv x), the fine-normalised value is y * sigma_u / sigma_f + shift (per channel). Without
+        autograd: the buffers stay leaves, which ``copy.deepcopy`` (the exporter, EMA) and pickling need.
         """
         bn = getattr(self.kv, "bn", None)
         if bn is None or self.kv_fine is not None:
