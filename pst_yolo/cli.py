@@ -2,7 +2,7 @@
 
     pst-yolo val model=best.pt data=data.yaml topk=8        # any `yolo` command; topk=K sets the PSA top-k
     pst-yolo export model=best.pt format=onnx topk=0 attn_backend=sdpa
-    pst-yolo demo | bench | heatmap | convert | sizes | topk | check ...   # pst-yolo tools (each takes -h)
+    pst-yolo demo | bench | heatmap | convert | sizes | topk | check | recalibrate ...   # pst-yolo tools (each takes -h)
 
 ``topk=K`` (0 = coarse attention only) applies to every PSA module of the loaded model for val/predict/export (and
 to the validation passes of train); ``attn_backend=`` picks auto|naive|sdpa|flash|sage. Other keys go to ``yolo``.
@@ -21,6 +21,7 @@ TOOLS = {  # subcommand -> module with main(argv)
     "sizes": "pst_yolo.tools.model_sizes",
     "topk": "pst_yolo.tools.topk",
     "check": "pst_yolo.tools.check",
+    "recalibrate": "pst_yolo.tools.recalibrate",
 }
 
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ultralytics.nn.modules import Conv
+from ultralytics.utils import LOGGER
 
 from ..ops import BACKENDS, FineProjection, pyramid_sparse_attention_parts
 from ..ops.backends import is_exporting
@@ -14,6 +15,14 @@ from ..ops.statistics import pointwise_conv_moments
 from ..validation import check_bool, check_choice, check_int, check_number, check_shape, check_tensor
 
 HEAD_DIM = 32
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    """Log ``message`` as a warning the first time ``key`` is seen in this process."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        LOGGER.warning(message)
 
 
 def split_heads(kv: torch.Tensor, num_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,6 +103,7 @@ class PSAttn(nn.Module):
         self.register_buffer("fine_kv_var", torch.ones(2 * dim))
         self.register_buffer("fine_kv_scale", torch.ones(2 * dim))
         self.register_buffer("fine_kv_shift", torch.zeros(2 * dim))
+        self.register_buffer("fine_stats_skipped", torch.zeros((), dtype=torch.int64), persistent=False)
 
     @classmethod
     def override_topk(cls, k: int | None) -> None:
@@ -167,27 +177,68 @@ class PSAttn(nn.Module):
         """Fold the batch statistics of the shared K/V conv on the fine map x (B, C, H, W) into the fine running
         statistics; no gradient.
 
-        The batch mean and unbiased variance come from x's moments (:func:`pointwise_conv_moments`), not from the
-        conv's (B, 2C, H, W) output. Mirrors ``nn.BatchNorm2d`` in training: kv's BN has already counted this batch in
-        ``num_batches_tracked`` (the upper map went through it first), so ``momentum=None`` gives the cumulative
-        average 1/n, and n == 1 (a fresh start or the first batch after ``reset_running_stats()``) restarts from mean
-        0, variance 1. Tensor ops only: no GPU sync. Nothing happens when kv's BN is in eval mode or keeps no running
-        statistics.
+        The batch mean and unbiased variance come from x's moments (:func:`pointwise_conv_moments`, in float32 with
+        autocast off), not from the conv's (B, 2C, H, W) output. Mirrors ``nn.BatchNorm2d`` in training: kv's BN has
+        already counted this batch in ``num_batches_tracked`` (the upper map went through it first), so
+        ``momentum=None`` gives the cumulative average 1/n, and n == 1 (a fresh start or the first batch after
+        ``reset_running_stats()``) restarts from mean 0, variance 1. A batch whose statistics are not finite (a
+        non-finite input) is not folded in: the buffers keep their values and ``fine_stats_skipped`` counts it, to
+        be reported at the next ``train()``/``eval()``. Tensor ops only: no GPU sync. Nothing happens when kv's BN is
+        in eval mode or keeps no running statistics.
         """
         if not self._tracks_fine_statistics():
             return
         bn = self.kv.bn
         mean, var = pointwise_conv_moments(x, self.kv.conv.weight)
         with torch.no_grad():
+            finite = mean.isfinite().all() & var.isfinite().all()  # () bool, on the device
+            self.fine_stats_skipped += (~finite).to(self.fine_stats_skipped.dtype)
             count = bn.num_batches_tracked
-            restart = count == 1  # () bool
+            restart = (count == 1) & finite
             self.fine_kv_mean.masked_fill_(restart, 0.0)
             self.fine_kv_var.masked_fill_(restart, 1.0)
             factor = (1.0 / count.clamp(min=1)) if bn.momentum is None else bn.momentum
             if isinstance(factor, torch.Tensor):
                 factor = factor.to(self.fine_kv_mean.dtype)
-            self.fine_kv_mean.lerp_(mean.to(self.fine_kv_mean.dtype), factor)
-            self.fine_kv_var.lerp_(var.to(self.fine_kv_var.dtype), factor)
+            for buffer, batch_value in ((self.fine_kv_mean, mean), (self.fine_kv_var, var)):
+                buffer.lerp_(torch.where(finite, batch_value.to(buffer.dtype), buffer), factor)
+
+    def train(self, mode: bool = True) -> PSAttn:
+        """``nn.Module.train``; first warns (once per process) if batches were left out of the fine statistics."""
+        skipped = int(self.fine_stats_skipped)  # a sync, at a mode switch only
+        if skipped:
+            self.fine_stats_skipped.zero_()
+            _warn_once(
+                "skipped",
+                f"PSAttn: {skipped} training batch(es) gave non-finite fine-map statistics (a non-finite input or "
+                "activation); they were left out of fine_kv_mean/fine_kv_var, which stay finite.",
+            )
+        return super().train(mode)
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickling (``torch.load`` of a checkpoint, ``copy.deepcopy``): defaults for attributes that older
+        checkpoints lack, and a warning when the fine statistics they carry are not finite."""
+        super().__setstate__(state)
+        if "fine_stats_skipped" not in self._buffers:
+            self.register_buffer("fine_stats_skipped", torch.zeros((), dtype=torch.int64), persistent=False)
+        self._check_fine_statistics()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._check_fine_statistics()
+
+    def _check_fine_statistics(self) -> None:
+        """Warn (once per process) if the fine statistics are not finite, as AMP training before pst-yolo 0.2 left
+        them: the fine branch (top-k > 0) would give NaN."""
+        buffers = (self._buffers.get("fine_kv_mean"), self._buffers.get("fine_kv_var"))
+        if any(b is not None and not b.isfinite().all() for b in buffers):
+            _warn_once(
+                "loaded",
+                "PSAttn: this model's fine-map statistics (fine_kv_mean/fine_kv_var) are not finite, as AMP training "
+                "with pst-yolo < 0.2 left them; with top-k > 0 its outputs would be NaN. Recompute them with a few "
+                "train-mode batches: `pst-yolo recalibrate model=best.pt data=your.yaml` (as "
+                "torch.optim.swa_utils.update_bn does), or use top-k 0.",
+            )
 
     def _tracks_fine_statistics(self) -> bool:
         """Whether kv's BN updates running statistics now (training, tracking, not fused away)."""

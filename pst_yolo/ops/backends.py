@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.metadata
 import importlib.util
 import logging
 import os
+import sys
 import warnings
 
 import torch
@@ -38,6 +40,9 @@ SAGE_KEY_BLOCK = 64
 _default_backend = os.environ.get("PST_ATTN_BACKEND", "auto").lower()
 _fallbacks_logged: set[str] = set()
 _check_kernel_device = True  # False only inside kernels_on_any_device() (tests with stand-in packages)
+_seam_capability: tuple[int, int] | None = None  # the GPU generation kernels_on_any_device() pretends
+_import_problems: dict[str, str] = {}  # package -> why it did not import (kernel_import_problem)
+KERNELS = {"flash": ("flash_attn", "flash_attn_func"), "sage": ("sageattention", "sageattn")}  # package, function
 
 
 def _check_name(name: object) -> str:
@@ -68,18 +73,20 @@ def use_backend(name: str):
 
 
 @contextlib.contextmanager
-def kernels_on_any_device():
-    """Test seam: inside the block ``flash``/``sage`` skip their CUDA and GPU-generation checks.
+def kernels_on_any_device(capability: tuple[int, int] | None = None):
+    """Test seam: inside the block ``flash``/``sage`` skip their CUDA check and take ``capability`` as the GPU's
+    compute capability (None: skip the generation checks).
 
     For tests only, which install contract stand-ins of ``flash_attn``/``sageattention`` that run on CPU tensors
-    (the real packages refuse them). Every other check (installed package, dtype, head dim, backward) still applies.
+    (the real packages refuse them). Every other check (importable package, dtype, head dim, backward) still applies.
     """
-    global _check_kernel_device
-    previous, _check_kernel_device = _check_kernel_device, False
+    global _check_kernel_device, _seam_capability
+    previous = _check_kernel_device, _seam_capability
+    _check_kernel_device, _seam_capability = False, capability
     try:
         yield
     finally:
-        _check_kernel_device = previous
+        _check_kernel_device, _seam_capability = previous
 
 
 def is_exporting() -> bool:
@@ -107,27 +114,90 @@ def is_exporting_graph() -> bool:
     )
 
 
+def device_capability(q: torch.Tensor) -> tuple[int, int] | None:
+    """(major, minor) compute capability of q's CUDA device; inside :func:`kernels_on_any_device` the capability it
+    was given (None: generation checks skipped)."""
+    if not _check_kernel_device:
+        return _seam_capability
+    return torch.cuda.get_device_capability(q.device)
+
+
+def kernel_import_problem(name: str) -> str | None:
+    """Why the kernel function of backend ``name`` cannot be imported (None when it can).
+
+    Installed is not importable: flash-attn's ``__init__`` swallows a missing ``flash_attn_2_cuda`` and then has no
+    ``flash_attn_func``; a wheel built for another torch raises ImportError ("undefined symbol") or OSError. A failure
+    is remembered for the process (a failed import is not cheap, and attention asks on every forward).
+    """
+    package, function = KERNELS[name]
+    if package not in sys.modules and package in _import_problems:
+        return _import_problems[package]
+    try:
+        module = importlib.import_module(package)
+        problem = None if callable(getattr(module, function, None)) else (
+            f"package '{package}' imports but has no {function}: its compiled CUDA extension is missing or did not "
+            "load; reinstall it for this torch and CUDA"
+        )  # fmt: skip
+    except Exception as e:  # noqa: BLE001  (ImportError, OSError, RuntimeError from a broken build: all mean unusable)
+        problem = f"package '{package}' is installed but cannot be imported ({type(e).__name__}: {e}); reinstall it"
+    if problem is not None and package not in sys.modules:
+        _import_problems[package] = problem
+    return problem
+
+
+def generation_problem(name: str, capability: tuple[int, int], dtype: torch.dtype) -> str | None:
+    """Why backend ``name`` cannot run on a GPU of compute ``capability`` (None when it can).
+
+    flash-attn 2.x's ``mha_fwd`` accepts only sm8x and sm90 (csrc/flash_attn/flash_api.cpp): Turing and older, and
+    Blackwell (sm100, sm120), raise. SageAttention 1.0.6's int8 ``tl.dot`` does not compile before sm75; on sm75
+    (T4) it needs Triton <= 3.2, and bfloat16 needs sm80.
+    """
+    sm = f"sm{capability[0]}{capability[1]}"
+    if name == "flash" and capability[0] not in (8, 9):
+        return f"'flash' (flash-attn 2.x) runs on sm80-sm90 GPUs (Ampere, Ada, Hopper), this one is {sm}"
+    if name == "sage":
+        if capability < (7, 5):
+            return f"'sage' (sageattention 1.0.6) needs an sm75 or newer GPU, this one is {sm}"
+        if dtype == torch.bfloat16 and capability < (8, 0):
+            return f"'sage' needs an sm80 or newer GPU for bfloat16 inputs, this one is {sm} (use float16)"
+        if capability < (8, 0) and not _triton_at_most(3, 2):
+            return f"'sage' (sageattention 1.0.6) on {sm} needs triton <= 3.2 (its int8 dot does not compile on newer)"
+    return None
+
+
+def _triton_at_most(major: int, minor: int) -> bool:
+    try:
+        version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    parts = [int(p) for p in version.split("+")[0].split(".")[:2] if p.isdigit()]
+    return tuple(parts) <= (major, minor)
+
+
 def unusable_reason(name: str, q: torch.Tensor, needs_grad: bool, kv_len: int | None = None) -> str | None:
     """Say why backend ``name`` cannot run attention on ``q`` (None when it can).
 
     Args:
         name: A concrete backend name.
-        q: (B, h, N, d) queries (device, dtype and head dim are checked).
+        q: (B, h, N, d) queries (device, GPU generation, dtype and head dim are checked).
         needs_grad: Whether a backward pass will run through the attention.
         kv_len: Number of keys M when known (``sage`` needs a multiple of ``SAGE_KEY_BLOCK``).
     """
     if name in ("naive", "sdpa"):
         return None
-    package = {"flash": "flash_attn", "sage": "sageattention"}[name]
+    package = KERNELS[name][0]
     if importlib.util.find_spec(package) is None:
-        extra = {"flash": "flash", "sage": "sage"}[name]
-        return f"package '{package}' is not installed (pip install 'pst-yolo[{extra}]')"
+        return f"package '{package}' is not installed (pip install 'pst-yolo[{name}]')"
     if _check_kernel_device and q.device.type != "cuda":
         return f"'{name}' needs a CUDA tensor, got device '{q.device.type}'"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"'{name}' needs float16/bfloat16 inputs, got {q.dtype} (use AMP or .half())"
-    if name == "flash" and _check_kernel_device and torch.cuda.get_device_capability(q.device)[0] < 8:
-        return "'flash' needs an Ampere (sm80) or newer GPU"
+    problem = kernel_import_problem(name)
+    capability = device_capability(q)
+    if problem is None and capability is not None:
+        problem = generation_problem(name, capability, q.dtype)
+    if problem is not None:
+        return problem
     if name == "flash" and q.shape[-1] > 256:
         return f"'flash' supports head_dim up to 256, got {q.shape[-1]}"
     if name == "sage" and needs_grad:

@@ -37,6 +37,10 @@ from .backends import (
 DEFAULT_SCORE_CHUNK = 1 << 22  # elements of the (query chunk x M) probability block alive at once (16 MB in fp32)
 CPU_SCORE_CHUNK = 1 << 18  # on CPU a 1 MB fp32 block: the fastest of 2^15 ... 2^19 (docs/BENCHMARKS.md)
 LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+# Logit offset of a masked fine token (eq. 5): exp(-1e4) is 0 in every float type, and the constant is finite in
+# float16. dtype-derived extremes are not: the fp32 graph's finfo.min / 2 (-1.7e38) becomes -inf in a TensorRT fp16
+# engine, and (1 - valid) * -inf is NaN for every valid token.
+MASKED_LOGIT = -1.0e4
 COARSE_PASSES = ("fused", "kernel")  # see coarse_attention_with_scores
 
 
@@ -87,7 +91,8 @@ def coarse_key_scores(
         q: (B, h, N, d) queries.
         k: (B, h, M, d) keys.
         lse: Optional (B, h, N) row log-sum-exp of the scaled logits (from a fused attention kernel); when given the
-            probabilities are ``exp(logits - lse)`` and no softmax is recomputed.
+            probabilities are ``exp(logits - lse)`` and no softmax is recomputed. The logits are then float32 (as the
+            kernel accumulates them): half-precision logits against an fp32 lse would not sum to 1.
         max_chunk_elements: Bound on the elements of one probability block (None: the device's default).
 
     Returns:
@@ -97,16 +102,17 @@ def coarse_key_scores(
         check_score_pass_call("coarse_key_scores", q, k, lse=lse, max_chunk_elements=max_chunk_elements)
     n = q.shape[2]
     rows = _query_chunk_rows(q, k.shape[2], max_chunk_elements)
-    if lse is None:
-        k_t = k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, h, d, M)
-    else:  # base-2 logits: exp2 is several times faster than exp on CPU and as exact
-        k_t = k.transpose(-2, -1) * (q.shape[-1] ** -0.5 * LOG2_E)
-        lse = lse.float() * LOG2_E  # (B, h, N)
-    total = None
-    for start in range(0, n, rows):
-        lse_block = None if lse is None else lse[:, :, start : start + rows]
-        part = _score_block(q[:, :, start : start + rows], k_t, lse_block)
-        total = part if total is None else total.add_(part)
+    with torch.autocast(q.device.type, enabled=False):
+        if lse is None:
+            k_t = k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, h, d, M)
+        else:  # float32 base-2 logits, as the kernel's fp32 lse; exp2 is several times faster than exp on CPU
+            q, k_t = q.float(), k.float().transpose(-2, -1) * (q.shape[-1] ** -0.5 * LOG2_E)
+            lse = lse.float() * LOG2_E  # (B, h, N)
+        total = None
+        for start in range(0, n, rows):
+            lse_block = None if lse is None else lse[:, :, start : start + rows]
+            part = _score_block(q[:, :, start : start + rows], k_t, lse_block)
+            total = part if total is None else total.add_(part)
     return total / n
 
 
@@ -423,7 +429,7 @@ def sparse_fine_attention(
         (B, h, N, d); zero for a (batch, head) where no token is valid.
     """
     valid = valid.to(q.dtype)  # arithmetic on 0/1 rather than boolean ops (any, masked_fill): every converter has it
-    bias = ((1 - valid) * (torch.finfo(q.dtype).min / 2)).unsqueeze(2)  # (B, h, 1, T): the same mask for every query
+    bias = ((1 - valid) * MASKED_LOGIT).unsqueeze(2)  # (B, h, 1, T): the same mask for every query
     if backend == "naive" or is_exporting_graph():
         out = naive_attention(q, k_sel, v_sel, bias)
     else:

@@ -295,11 +295,15 @@ def op_flops(batch: int, heads: int, n: int, m: int, topk: int) -> int:
     return batch * heads * per_head
 
 
-def usable_backends(names: list[str], device: torch.device, dtype: torch.dtype) -> list[str]:
+def usable_backends(
+    names: list[str], device: torch.device, dtype: torch.dtype, kv_len: int | None = None
+) -> list[str]:
+    """The backends of ``names`` that can run inference on ``dtype`` tensors of ``device`` with ``kv_len`` keys
+    (None: any key count a model may give, as ``auto`` resolves per layer)."""
     from ..ops.backends import unusable_reason
 
     probe = torch.zeros(1, 1, 1, HEAD_DIM, device=device, dtype=dtype)
-    return [b for b in names if unusable_reason(b, probe, needs_grad=False) is None]
+    return [b for b in names if unusable_reason(b, probe, needs_grad=False, kv_len=kv_len) is None]
 
 
 def bench_op(args, device, dtype, gemm: float) -> list[dict]:
@@ -314,7 +318,7 @@ def bench_op(args, device, dtype, gemm: float) -> list[dict]:
                 ("bare sdpa", None): partial(attention, q, k, v, "sdpa"),
                 (COARSE_PASS, None): partial(coarse_attention_with_scores, q, k, v, "sdpa"),
             }
-            for backend in usable_backends(args.backends, device, dtype):
+            for backend in usable_backends(args.backends, device, dtype, kv_len=k.shape[2]):
                 if backend == "naive" and imgsz > args.naive_max_size:
                     continue
                 for topk in args.topks:

@@ -5,8 +5,9 @@ Parts (each reports passed / failed / skipped with the reason, and its numbers):
 - ``backends``: every usable attention backend (naive, sdpa, flash, sage) against a float64 reference, per dtype
   (fp32; fp16 and bf16 where the device runs them) and per coarse pass (fused, kernel), on odd and paper-sized
   shapes, forward and (backends with a backward pass) gradients. Tolerance: flash-attention's rule, the error at most
-  twice that of the plain PyTorch computation in the same precision (SageAttention: of its int8 kernel alone).
-- ``train``: a few epochs of YOLOv11-PST-N on the offline demo digits (``pst_yolo.tools.datasets``), with AMP on CUDA.
+  twice that of the plain PyTorch computation in the same precision (SageAttention: plus a fixed int8 bound).
+- ``train``: a few epochs of YOLOv11-PST-N on the offline demo digits (``pst_yolo.tools.datasets``), with AMP on CUDA;
+  then the fine-map statistics of best.pt must be finite and k=8 must change its outputs against k=0.
 - ``val``: validation at k=0 and k=8, ``half=True`` on CUDA.
 - ``export``: ONNX (onnxruntime) and, on CUDA with TensorRT installed, fp32 and fp16 engines, each against PyTorch.
 - ``speed`` (CUDA by default): the op per backend and YOLOv11-PST-N (k=0, k=8 per backend) against the stock YOLO12n
@@ -37,6 +38,11 @@ PARTS = ("backends", "train", "val", "export", "speed")
 SHAPES = [(2, 2, (13, 13)), (2, 1, (16, 16)), (1, 1, (40, 40))]  # (B, heads, fine H x W); 40x40: 320 px P3
 SAGE_SHAPES = [(2, 1, (16, 16)), (1, 1, (32, 32)), (1, 1, (40, 40))]  # keys M = 64, 256, 400 (400: must be refused)
 FP32_ATOL = 1e-4
+# SageAttention quantises q and k to int8: its error is judged against this fixed bound, never against the kernel's
+# own error (a broken kernel would raise its own bar). The int8 model of sageattention 1.0.6 in tests/standins errs
+# 0.04-0.07 (max abs, against float64) on SAGE_SHAPES over three seeds, fp16 and bf16.
+SAGE_INT8_ATOL = 0.1
+MIN_FINE_EFFECT = 1e-6  # a dropped fine branch moves the outputs by exactly 0, a hidden one by ~1e-7
 
 
 @dataclass
@@ -109,19 +115,6 @@ def compare_backend(backend, dtype, coarse_pass, topk, case, device, grad=False)
     }  # fmt: skip
 
 
-def sage_kernel_error(case, dtype, device) -> float:
-    """Error of sageattn alone (zero-padded to head dim 64, as the adapter calls it) on the dense coarse attention."""
-    import torch
-    import torch.nn.functional as F
-
-    sageattention = importlib.import_module("sageattention")
-    q, k, v = (t.to(device, dtype) for t in case[0][:3])
-    reference = torch.softmax(q.double() @ k.double().transpose(-2, -1) / math.sqrt(32), -1) @ v.double()
-    padded = [F.pad(t, (0, 32)).contiguous() for t in (q, k, v)]
-    out = sageattention.sageattn(*padded, tensor_layout="HND", sm_scale=32**-0.5)[..., :32]
-    return (out.double() - reference).abs().max().item()
-
-
 def check_backends(device, dtypes=None, backends=("naive", "sdpa", "flash", "sage")) -> Part:
     """Every usable backend x dtype x shape against float64: top-k 0 (forward and, except sage, gradients, as in
     training) and top-k 8 through each coarse pass (see the module docstring)."""
@@ -150,10 +143,10 @@ def check_backends(device, dtypes=None, backends=("naive", "sdpa", "flash", "sag
                     )
                     part.status = part.status if refused else "failed"
                     continue
-                baseline = sage_kernel_error(case, dtype, device) if backend == "sage" else 0.0
                 for coarse_pass, topk, grad in dict.fromkeys(runs):
                     row = compare_backend(backend, dtype, coarse_pass, topk, case, device, grad)
-                    tol = FP32_ATOL if dtype == torch.float32 else 2 * max(row["plain_error"], baseline) + 1e-6
+                    tol = FP32_ATOL if dtype == torch.float32 else 2 * row["plain_error"] + 1e-6
+                    tol += SAGE_INT8_ATOL if backend == "sage" else 0.0
                     row["tolerance"], row["status"] = tol, "ok" if row["error"] <= tol else "FAILED"
                     part.rows.append(row)
                     part.status = "failed" if row["status"] == "FAILED" else part.status
@@ -193,13 +186,51 @@ def check_training(args, device, data: Path) -> tuple[Part, Path | None]:
     losses = {k: float(v) for k, v in trainer.label_loss_items(trainer.tloss, prefix="train").items()}
     probe = torch.zeros(1, 1, 1, 32, device=device, dtype=torch.float16 if cuda else torch.float32).requires_grad_()
     backend = resolve_backend("auto", probe)  # what the PSA layers ran with under AMP
-    part.rows.append(
-        {"epochs": args.epochs, "imgsz": args.imgsz, "amp": bool(trainer.amp), "attention": backend, **losses}
-    )
-    finite = all(math.isfinite(v) for v in losses.values())
-    if not (weights.exists() and finite and (trainer.amp or not cuda)):
-        part.status, part.reason = "failed", f"best.pt exists: {weights.exists()}, finite losses: {finite}"
+    row = {"epochs": args.epochs, "imgsz": args.imgsz, "amp": bool(trainer.amp), "attention": backend, **losses}
+    if weights.exists():
+        row["fine stats finite"] = fine_statistics_finite(weights)
+        row["k=8 vs k=0"] = fine_branch_effect(weights, _val_batch(data, args.imgsz), args.imgsz)
+    part.rows.append(row)
+    part.status, part.reason = training_verdict(cuda, row, weights.exists(), check_effect=not args.quick)
     return part, weights if weights.exists() else None
+
+
+def training_verdict(cuda: bool, row: dict, saved: bool, check_effect: bool = True) -> tuple[str, str]:
+    """Status and reason of the train part from its row (losses, ``amp``, ``fine stats finite``, ``k=8 vs k=0``).
+
+    Failed: no best.pt, a non-finite loss, non-finite fine-map statistics, or (``check_effect``) a fine branch that
+    does not change the outputs; ``--quick`` trains too little for BN statistics to leave their init (k=8 moves the
+    outputs by ~1e-6 after one epoch on 16 images, 1e-3 after the default 3 epochs on 200). AMP off on CUDA is no
+    failure: Ultralytics switches it off on purpose (a GPU it blacklists, or a failed ``check_amp``); the reason then
+    says that AMP went untested.
+    """
+    problems = []
+    if not saved:
+        problems.append("no best.pt")
+    if not all(math.isfinite(v) for k, v in row.items() if k.startswith("train/")):
+        problems.append("non-finite losses")
+    if saved and not row["fine stats finite"]:
+        problems.append("non-finite fine-map statistics in best.pt")
+    effect = row.get("k=8 vs k=0", 0.0)
+    if saved and not math.isfinite(effect):
+        problems.append("k=8 gives non-finite outputs")
+    elif saved and check_effect and effect <= MIN_FINE_EFFECT:
+        problems.append(f"k=8 changes the outputs by {effect:.1e} against k=0: the fine attention does not act")
+    if problems:
+        return "failed", "; ".join(problems)
+    if cuda and not row["amp"]:
+        return "passed", "Ultralytics switched AMP off (its check_amp): trained in fp32, AMP untested on this GPU"
+    return "passed", "" if check_effect else "k=8 vs k=0 not judged (--quick trains too little)"
+
+
+def fine_statistics_finite(weights: Path) -> bool:
+    """Whether every PSA module of a checkpoint has finite fine-map statistics (fine_kv_mean, fine_kv_var)."""
+    from ultralytics import YOLO
+
+    from ..nn import PSAttn
+
+    psa = [m for m in YOLO(str(weights)).model.modules() if isinstance(m, PSAttn)]
+    return bool(psa) and all(m.fine_kv_mean.isfinite().all() and m.fine_kv_var.isfinite().all() for m in psa)
 
 
 def _ultralytics_device(device) -> str:
@@ -233,10 +264,6 @@ def check_validation(args, device, data: Path, weights: Path) -> Part:
             part.rows.append(row)
             if not all(math.isfinite(row[key]) for key in ("mAP50", "mAP50-95")):
                 part.status, part.reason = "failed", "non-finite metrics"
-    effect = fine_branch_effect(weights, _val_batch(data, args.imgsz), args.imgsz)
-    part.rows.append({"topk": "8 vs 0", "max output change": effect})
-    if part.status == "passed" and effect < 1e-4:
-        part.reason = f"k=8 moves the outputs by only {effect:.1e}: too little training for BN statistics to settle"
     return part
 
 
@@ -279,7 +306,6 @@ def check_export(args, device, data: Path, weights: Path) -> Part:
     """ONNX (and TensorRT fp32/fp16 on CUDA) at k=0 and k=8 against PyTorch on validation images."""
     import torch
     from ultralytics import YOLO
-    from ultralytics.nn.autobackend import AutoBackend
 
     from ..nn import PSAttn, set_topk
 
@@ -311,10 +337,7 @@ def check_export(args, device, data: Path, weights: Path) -> Part:
                 )
             finally:
                 PSAttn.override_topk(None)
-            backend = AutoBackend(path, device=device if fmt == "engine" else torch.device("cpu"), fp16=half)
-            on = x.to(backend.device).half() if half else x.to(backend.device)
-            out = backend(on)
-            out = (out[0] if isinstance(out, (list, tuple)) else out).float()
+            out = run_exported(path, x, device if fmt == "engine" else torch.device("cpu"), half)
             same_precision = fp16 if half else fp32  # TensorRT fp32 engines may use TF32: judged like fp16 below
             plain_error = _output_difference(same_precision if fmt == "onnx" else fp16 if fp16 is not None else fp32,
                                              fp64, args.imgsz)  # fmt: skip
@@ -327,6 +350,19 @@ def check_export(args, device, data: Path, weights: Path) -> Part:
             part.rows.append(row)
             part.status = "failed" if row["status"] == "FAILED" else part.status
     return part
+
+
+def run_exported(path: str, x, device, half: bool):
+    """Raw output of an exported model on images x (B, 3, H, W) float32, as a float32 tensor.
+
+    x goes in as float32 whatever ``half``: AutoBackend casts it to half where the model's input binding is half. A
+    TensorRT fp16 engine built from an fp32 ONNX keeps fp32 bindings, and half input there is read as garbage.
+    """
+    from ultralytics.nn.autobackend import AutoBackend
+
+    backend = AutoBackend(path, device=device, fp16=half)
+    out = backend(x.to(backend.device).float())
+    return (out[0] if isinstance(out, (list, tuple)) else out).float()
 
 
 # ------------------------------------------------------------------------------------------------------ speed
