@@ -2,7 +2,7 @@
 
     pst-yolo val model=best.pt data=data.yaml topk=8        # any `yolo` command; topk=K sets the PSA top-k
     pst-yolo export model=best.pt format=onnx topk=0 attn_backend=sdpa
-    pst-yolo demo | bench | heatmap | convert | sizes | topk | check | recalibrate ...   # pst-yolo tools (each takes -h)
+    pst-yolo demo | bench | heatmap | convert | sizes | topk | check | recalibrate ...   # tools (each takes -h)
 
 ``topk=K`` (0 = coarse attention only) applies to every PSA module of the loaded model for val/predict/export (and
 to the validation passes of train); ``attn_backend=`` picks auto|naive|sdpa|flash|sage. Other keys go to ``yolo``.
@@ -15,7 +15,7 @@ import sys
 
 TOOLS = {  # subcommand -> module with main(argv)
     "demo": "pst_yolo.tools.demo",
-    "bench": "pst_yolo.tools.benchmark",
+    "bench": "pst_yolo.tools.bench",
     "heatmap": "pst_yolo.tools.heatmap",
     "convert": "pst_yolo.tools.convert",
     "sizes": "pst_yolo.tools.model_sizes",
@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> None:
         importlib.import_module(TOOLS[args[0]]).main(args[1:])
         return
     ours, rest = split_plugin_args(args)
-    import pst_yolo
     from ultralytics.cfg import entrypoint
+
+    import pst_yolo
 
     if "topk" in ours:
         try:

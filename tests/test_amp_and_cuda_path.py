@@ -23,7 +23,7 @@ from pst_yolo.nn import psa as psa_module
 from pst_yolo.ops import backends, coarse_key_scores, pyramid_sparse_attention, resolve_backend
 from pst_yolo.ops.backends import kernels_on_any_device, unusable_reason
 from pst_yolo.ops.pyramid_sparse_attention import sparse_fine_attention
-from pst_yolo.tools import benchmark, check
+from pst_yolo.tools import check
 
 P3_640 = ((16, 64, 80, 80), (16, 64, 40, 40))  # x and upper of a PSA at 640 px P3: 102,400 pixels per channel
 
@@ -339,11 +339,14 @@ def test_check_training_verdict(cuda, amp, stats, effect, status, reason):
 
 def test_bench_picks_sage_only_where_the_key_count_allows(monkeypatch):
     """At 128 px P4 has 16 upper tokens, which sage refuses: bench times sage at P3 (64 keys) only."""
+    from pst_yolo.tools.bench.cli import parse_args
+    from pst_yolo.tools.bench.op import bench_op, usable_backends
+
     install_standins(monkeypatch)
-    args = SimpleNamespace(**{**vars(benchmark.parse_args(["--quick"])), "op_sizes": [128], "backends": ["sage"]})
+    args = SimpleNamespace(**{**vars(parse_args(["--quick"])), "op_sizes": [128], "backends": ["sage"]})
     with kernels_on_any_device():
-        assert benchmark.usable_backends(["sage"], torch.device("cpu"), torch.float16, kv_len=16) == []
-        rows = benchmark.bench_op(args, torch.device("cpu"), torch.float16, gemm=1.0)
+        assert usable_backends(["sage"], torch.device("cpu"), torch.float16, kv_len=16) == []
+        rows = bench_op(args, torch.device("cpu"), torch.float16, gemm=1.0)
     timed = {(r.get("level"), r.get("backend")) for r in rows}
     assert ("P3", "sage") in timed and ("P4", "sage") not in timed, timed
 

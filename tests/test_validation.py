@@ -33,7 +33,8 @@ from pst_yolo.ops import (
     pyramid_sparse_attention,
     select_fine_tokens,
 )
-from pst_yolo.tools import benchmark, convert, demo, heatmap, model_sizes, tensorrt_check
+from pst_yolo.tools import convert, demo, heatmap, model_sizes, tensorrt_check
+from pst_yolo.tools.bench.cli import parse_args as bench_args
 
 REPO = Path(__file__).resolve().parents[1]
 NAN, INF = float("nan"), float("inf")
@@ -288,7 +289,7 @@ def heatmap_cli(*argv):
 
 
 def bench(*argv):
-    return lambda *_: benchmark.parse_args(list(argv))
+    return lambda *_: bench_args(list(argv))
 
 
 def sizes(*argv):

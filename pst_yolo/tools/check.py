@@ -373,13 +373,15 @@ def check_speed(args, device) -> Part:
 
     from ..ops import pyramid_sparse_attention
     from ..ops.backends import unusable_reason
-    from . import benchmark
+    from .bench.models import forward_with_topk, model_variants
+    from .bench.op import op_shapes, psa_inputs, usable_backends
+    from .bench.timing import peak_memory_mb, time_round_robin
 
     part = Part("speed")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     imgsz, repeats, warmup = (64, 2, 1) if args.quick else (640, 20, 5)
-    for shape in benchmark.op_shapes(imgsz):
-        (q, k, v, kf, vf), coarse_hw = benchmark.psa_inputs(1, shape["heads"], shape["fine_hw"], device, dtype)
+    for shape in op_shapes(imgsz):
+        (q, k, v, kf, vf), coarse_hw = psa_inputs(1, shape["heads"], shape["fine_hw"], device, dtype)
         inputs = (q, k, v, kf, vf, shape["fine_hw"], coarse_hw)
         calls = {}
         for backend in ("naive", "sdpa", "flash", "sage"):
@@ -389,22 +391,22 @@ def check_speed(args, device) -> Part:
                         *a, t, backend=b
                     )
         with torch.inference_mode():
-            ms = benchmark.time_round_robin(calls, repeats, warmup, device)
-            mb = {key: benchmark.peak_memory_mb(fn, device) for key, fn in calls.items()}
+            ms = time_round_robin(calls, repeats, warmup, device)
+            mb = {key: peak_memory_mb(fn, device) for key, fn in calls.items()}
         what = f"op {shape['level']} {shape['fine_hw'][0]}x{shape['fine_hw'][1]}"
         for key in calls:
             part.rows.append({"what": what, "backend": key[0], "topk": key[1], "ms": ms[key], "peak_mb": mb[key]})
     # Models in the input dtype of the op (fp16 on CUDA, as half=True runs them). Explicit sage would refuse P4's 400
     # keys at 640; with sage installed, "auto" uses it where it can.
-    backends = ["auto"] + [b for b in benchmark.usable_backends(["naive", "sdpa", "flash"], device, dtype)]
-    variants = benchmark.model_variants(["yolo12n", "yolo11n-pst"], 8, backends, device)
+    backends = ["auto"] + [b for b in usable_backends(["naive", "sdpa", "flash"], device, dtype)]
+    variants = model_variants(["yolo12n", "yolo11n-pst"], 8, backends, device)
     for model, *_ in variants.values():
         model.to(dtype)
     x = torch.rand(1, 3, imgsz, imgsz, device=device, dtype=dtype)
-    calls = {label: benchmark.forward_with_topk(*variant[:3], x) for label, variant in variants.items()}
+    calls = {label: forward_with_topk(*variant[:3], x) for label, variant in variants.items()}
     with torch.inference_mode():
-        ms = benchmark.time_round_robin(calls, repeats, warmup, device)
-        mb = {label: benchmark.peak_memory_mb(fn, device) for label, fn in calls.items()}
+        ms = time_round_robin(calls, repeats, warmup, device)
+        mb = {label: peak_memory_mb(fn, device) for label, fn in calls.items()}
     for label in calls:
         part.rows.append(
             {"what": f"model {imgsz} px {str(dtype)[6:]}", "backend": label, "ms": ms[label], "peak_mb": mb[label]}
