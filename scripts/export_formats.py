@@ -12,7 +12,7 @@ Weights must let the fine attention act: ``--weights``/``--baseline-weights`` (t
 each model is built from its YAML with convs re-initialised and BatchNorm statistics calibrated on the two images
 (``pst_yolo.tools.calibration``: random weights in eval mode shrink deep features to ~1e-7 and hide the fine branch).
 
-scripts/openvino_precision.py measures what OpenVINO's bf16 default does (docs/EXPORT.md, "OpenVINO").
+What OpenVINO's bf16 default does, and how to force f32: docs/EXPORT.md, "OpenVINO".
 
     python scripts/export_formats.py --imgsz 640 --rounds 20 --threads 2 --out runs/export-formats
 """
@@ -264,7 +264,7 @@ def measure_formats(args: argparse.Namespace, checkpoints: dict, images: list) -
     print(f"[export_formats] timing {len(runs)} runtimes x {args.rounds} rounds", flush=True)
     # One format at a time, its variants round-robin: a runtime's worker threads spin for more work after each call,
     # so in one loop over every runtime each call ran against the previous runtime's spinning workers (with 2
-    # threads, ONNX Runtime ran YOLO12n 3x slower than alone; docs/BENCHMARKS.md, "ONNX Runtime's thread pools").
+    # threads, ONNX Runtime ran YOLO12n 3x slower than alone; docs/DESIGN.md, "Performance findings").
     # Within a format the variants still spin against each other (ONNX Runtime: one pool per session, see runner).
     with torch.inference_mode():
         for fmt in formats:

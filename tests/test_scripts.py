@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +42,7 @@ def make_imagenet(root: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("name", [*TRAIN_VAL, "reproduce_tables.py", "cpe_layout.py"])
+@pytest.mark.parametrize("name", [*TRAIN_VAL, "reproduce_tables.py"])
 def test_help(name, tmp_path):
     result = run_script(name, "--help", tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -133,77 +132,3 @@ def test_coco_api_stats_on_known_boxes(tmp_path):
     stats = coco_api_stats(tmp_path / "gt.json", tmp_path / "pred.json", [1, 2])
     assert stats["AP50"] == pytest.approx(1.0) and stats["AP75"] == pytest.approx(1.0)
     assert stats["AP"] == pytest.approx(0.85)
-
-
-def test_profile_train_step_charges_backward_to_layers(tmp_path):
-    """The per-layer training profile: every PST layer gets forward and backward time, and only PST runs SDPA."""
-    out = tmp_path / "profile.md"
-    args = ("--batch", "2", "--imgsz", "64", "--iterations", "1", "--ops", "40", "--markdown", str(out))
-    result = run_script("profile_train_step.py", *args, tmp_path=tmp_path)
-    assert result.returncode == 0, result.stderr
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.read_text().splitlines()}
-    for layer in ("11", "14"):  # the two head layers where YOLO11n-PST has a PST and YOLO12n an A2C2f
-        _, stock, _, _, pst, pst_fwd, pst_bwd, _ = rows[layer]
-        assert (stock, pst) == ("A2C2f", "PST")
-        assert float(pst_fwd) > 0 and float(pst_bwd) > 0
-    backward = rows["`aten::_scaled_dot_product_flash_attention_for_cpu_backward`"]
-    assert float(backward[1]) == 0 and float(backward[2]) > 0
-
-
-def test_onnx_thread_pools_times_every_setup(tmp_path):
-    """Smoke run of scripts/onnx_thread_pools.py: the three graphs under each setup, each setup in a fresh process."""
-    pytest.importorskip("onnxruntime")
-    result = run_script(
-        "onnx_thread_pools.py", "--imgsz", "64", "--processes", "1", "--rounds", "1", "--warmup", "0", "--threads", "1",
-        tmp_path=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith(("| own", "| shared", "| alone"))]
-    assert len(rows) == 3, result.stdout
-    assert all(float(cell) > 0 for row in rows for cell in row.split("|")[2:5]), rows
-
-
-def test_round_ratios_prints_both_estimators(tmp_path):
-    """Smoke run of scripts/round_ratios.py: both estimators of both ratios for every block, in a fresh process."""
-    result = run_script(
-        "round_ratios.py", "--imgsz", "64", "--processes", "1", "--blocks", "2", "--rounds", "2", "--warmup", "0",
-        tmp_path=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith(("| k=0", "| k=8"))]
-    assert len(rows) == 4, result.stdout
-    assert all(float(cell) > 0 for row in rows for cell in row.split("|")[2:4]), rows
-
-
-def test_training_spread_prints_both_estimators_the_ceiling_and_confidence_intervals(tmp_path):
-    """Smoke run of scripts/training_spread.py: each estimator of the training ratio, the ceiling and the code's
-    distance from it per process, with the mean and its 95% Student's t interval over the processes."""
-    result = run_script("training_spread.py", "--quick", "--processes", "2", tmp_path=tmp_path)
-    assert result.returncode == 0, result.stderr
-    table = {}
-    for line in result.stdout.splitlines():
-        cells = [cell.strip() for cell in line.strip("|").split("|")]
-        if cells[0] in ("of medians", "per round", "ceiling", "per round - ceiling"):
-            table[cells[0]] = cells[1:]
-    assert len(table) == 4, result.stdout
-    for key in ("of medians", "per round", "ceiling"):
-        assert all(float(cell) > 0 for cell in table[key][:2]), table
-    distance = [float(a) - float(b) for a, b in zip(table["per round"][:2], table["ceiling"][:2])]
-    assert [float(cell) for cell in table["per round - ceiling"][:2]] == pytest.approx(distance, abs=2e-3)
-    for cells in table.values():  # process 1, process 2, median, sd, mean [95% CI]
-        values, sd = [float(cell) for cell in cells[:2]], float(cells[3])
-        mean, low, high = (float(x) for x in re.fullmatch(r"(\S+) \[(\S+), (\S+)\]", cells[4]).groups())
-        assert mean == pytest.approx(sum(values) / 2, abs=2e-3)
-        half = 12.706 * sd / 2**0.5  # t at 97.5% with one degree of freedom
-        assert (low, high) == pytest.approx((mean - half, mean + half), abs=0.01)  # sd printed to 3 decimals
-
-
-def test_topk_profile_prints_each_op_at_both_topk(tmp_path):
-    """Smoke run of scripts/topk_profile.py: per-op self times at k=0 and k=8, their difference and the totals."""
-    result = run_script("topk_profile.py", "--imgsz", "64", "--rounds", "1", "--warmup", "0", tmp_path=tmp_path)
-    assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| aten::")]
-    assert rows and all(len(row.split("|")) == 6 for row in rows), result.stdout
-    (total,) = [line for line in result.stdout.splitlines() if line.startswith("| all ops")]
-    k0, k8, difference = (float(cell) for cell in total.split("|")[2:5])
-    assert k0 > 0 and k8 > 0 and difference == pytest.approx(k8 - k0, abs=2e-3)
