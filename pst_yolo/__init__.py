@@ -7,7 +7,7 @@ from .integration import register
 from .nn import PST, PSAttn, PSAttnBlock, set_topk
 from .ops import get_backend, pyramid_sparse_attention, set_backend, use_backend
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = (
     "PST",
     "PSAttn",

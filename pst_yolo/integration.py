@@ -43,7 +43,7 @@ class PluginBuildError(ValueError):
 def _incompatible(what: str) -> RuntimeError:
     return RuntimeError(
         f"pst_yolo cannot hook Ultralytics {ultralytics.__version__}: {what}. "
-        "pst_yolo supports ultralytics>=8.3.100,<8.5; install a supported version."
+        "pst_yolo supports ultralytics>=8.4.190,<8.5; install a supported version."
     )
 
 

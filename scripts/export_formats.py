@@ -218,7 +218,7 @@ def measure_formats(args: argparse.Namespace, checkpoints: dict, images: list) -
     """Export, compare and time every requested format; return the per-format results."""
     import torch
 
-    from pst_yolo.tools.benchmark import time_round_robin
+    from pst_yolo.tools.bench.timing import time_round_robin
     from pst_yolo.tools.calibration import max_abs_diff, reference_model
 
     torch.set_num_threads(args.threads)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from pst_yolo import PSAttn
-from pst_yolo.ops import backends
+from pst_yolo.ops import export_compat
 from pst_yolo.tools.calibration import BUNDLED_IMAGES as IMAGES  # noqa: F401  (re-exported for the tests)
 from pst_yolo.tools.calibration import (  # noqa: F401  (re-exported for the tests)
     calibrate_random_weights,
@@ -40,9 +40,9 @@ def topk_override(k: int | None):
 @contextlib.contextmanager
 def query_blocks_as_at_640():
     """Trace attention in query blocks at the converter tests' 160 px as a 640 px export does: the P3 layer's 40K
-    logits in 5 blocks of 2^13 (:func:`pst_yolo.ops.backends.traced_query_blocks`; 640 px: 10 blocks of 2^20)."""
+    logits in 5 blocks of 2^13 (:func:`pst_yolo.ops.export_compat.traced_query_blocks`; 640 px: 10 blocks of 2^20)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(backends, "TRACED_BLOCK_ELEMENTS", 1 << 13)
+        patch.setattr(export_compat, "TRACED_BLOCK_ELEMENTS", 1 << 13)
         yield
 
 

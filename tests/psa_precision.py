@@ -12,7 +12,8 @@ import math
 
 import torch
 from export_helpers import IMAGES, calibrate_random_weights, letterboxed
-from test_ops import reference_psa
+
+from pst_yolo.ops.reference import pyramid_sparse_attention_reference as reference_psa
 
 
 def child_index(top_idx: torch.Tensor, fine_hw, coarse_hw) -> tuple[torch.Tensor, torch.Tensor]:

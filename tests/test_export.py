@@ -36,7 +36,7 @@ from ultralytics.nn.modules import Detect
 from ultralytics.utils import ASSETS
 
 from pst_yolo import set_topk
-from pst_yolo.ops import backends
+from pst_yolo.ops import backends, export_compat
 from pst_yolo.ops.pyramid_sparse_attention import blocked_attention_with_scores
 from pst_yolo.tools.tensorrt_check import check_tensorrt_compatible
 
@@ -218,10 +218,10 @@ def test_dynamic_onnx_k_independent_of_export_size(detect_pt, exported):
 
 @pytest.mark.parametrize("k", [0, 8])
 def test_query_blocks_onnx_matches_torch(detect_pt, detect_images, workdir, monkeypatch, k):
-    """Attention cut into query blocks in the traced graph (backends.traced_query_blocks): at 320 px the P3 layer's
+    """Attention cut into query blocks in the traced graph (export_compat.traced_query_blocks): at 320 px the P3 layer's
     640K logits exceed a 2^17 block 5 times, so its graph holds 5 Softmax chains (one more at k = 8: the fine
     attention); the dynamic graph matches PyTorch at 320x320 and 352x288, batch 2, as the one-block graph does."""
-    monkeypatch.setattr(backends, "TRACED_BLOCK_ELEMENTS", 1 << 17)
+    monkeypatch.setattr(export_compat, "TRACED_BLOCK_ELEMENTS", 1 << 17)
     copy = shutil.copy(detect_pt, workdir / f"{detect_pt.stem}-k{k}-blocks.pt")
     with topk_override(k):
         path = YOLO(str(copy)).export(format="onnx", imgsz=IMGSZ, dynamic=True, simplify=True)
@@ -251,7 +251,7 @@ def assert_blocks_run_one_by_one(path: str, scope: str, optimized: Path) -> None
 def test_query_blocks_at_every_size(tmp_path, monkeypatch):
     """One traced graph in 4 query blocks (the count fixed at the traced 40x40 over 20x20) runs right at any token
     count: larger than traced, and small enough that some blocks are empty; eq. 2 and eq. 3 (scores) both."""
-    monkeypatch.setattr(backends, "TRACED_BLOCK_ELEMENTS", 2 * 2 * 1600 * 400 // 4)  # B * h * N * M of the trace
+    monkeypatch.setattr(export_compat, "TRACED_BLOCK_ELEMENTS", 2 * 2 * 1600 * 400 // 4)  # B * h * N * M of the trace
 
     class CoarsePass(torch.nn.Module):
         def forward(self, q, k, v):

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_ops import random_inputs, reference_psa
+from test_ops import random_inputs
 from ultralytics.nn.modules import Conv
 from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
 from pst_yolo import PSAttn
 from pst_yolo.ops import FineProjection, pyramid_sparse_attention_parts, select_fine_tokens
 from pst_yolo.ops.pyramid_sparse_attention import gather_tokens, selected_keys_values
+from pst_yolo.ops.reference import pyramid_sparse_attention_reference as reference_psa
 
 SHAPES = [(2, 3, (13, 13), (7, 7)), (2, 2, (10, 6), (5, 3))]  # (B, heads, fine_hw, coarse_hw): odd and uneven
 

@@ -62,7 +62,7 @@ def run_model(model, x, topk, monkeypatch, dtype=None, replay=None):
 
     With ``replay`` (selections of an earlier run) the PSA layers use those instead of their own.
     """
-    calls, select = [], psa_ops.select_fine_tokens
+    calls, select = [], psa_ops._select_fine_tokens
 
     def recording(scores, *args):
         chosen = select(scores, *args) if replay is None else replay[len(calls)]
@@ -71,7 +71,7 @@ def run_model(model, x, topk, monkeypatch, dtype=None, replay=None):
 
     set_topk(model, topk)
     with monkeypatch.context() as patch, torch.no_grad():
-        patch.setattr(psa_ops, "select_fine_tokens", recording)
+        patch.setattr(psa_ops, "_select_fine_tokens", recording)
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             out = model(x)[0].float()
     return out, calls

@@ -51,8 +51,8 @@ def test_channel_inference_yolo11n_pst():
 def test_scaling_width_depth_and_fixed_width():
     m = pst_layers(DetectionModel("yolo11m-pst.yaml", verbose=False))[11]  # m: width 1.0, max_channels 512
     assert m.cv2.conv.out_channels == 512 and m.blocks[0].attn.num_heads == 8
-    l = pst_layers(DetectionModel("yolo11l-pst.yaml", verbose=False))[11]  # l: depth 1.0 -> 2 stacked blocks
-    assert len(l.blocks) == 2
+    large = pst_layers(DetectionModel("yolo11l-pst.yaml", verbose=False))[11]  # l: depth 1.0 -> 2 stacked blocks
+    assert len(large.blocks) == 2
     fixed = pst_layers(DetectionModel("yolo12n-pst.yaml", verbose=False))[11]  # PSTFixedWidth: c2 not scaled
     assert fixed.cv2.conv.out_channels == 512
 

@@ -9,15 +9,12 @@ import math
 
 import pytest
 import torch
-from test_ops import SHAPES, random_inputs, reference_psa
+from test_ops import SHAPES, random_inputs
 
 from pst_yolo.ops import coarse_attention_with_scores, coarse_key_scores, pyramid_sparse_attention
-from pst_yolo.ops.pyramid_sparse_attention import (
-    COARSE_PASSES,
-    _block_workspace,
-    blocked_attention_with_scores,
-    default_coarse_pass,
-)
+from pst_yolo.ops.blocked_pass import _block_workspace, blocked_attention_with_scores
+from pst_yolo.ops.pyramid_sparse_attention import COARSE_PASSES, default_coarse_pass
+from pst_yolo.ops.reference import pyramid_sparse_attention_reference as reference_psa
 
 
 def reference_scores(q, k) -> torch.Tensor:

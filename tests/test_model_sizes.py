@@ -169,5 +169,5 @@ def test_sizes_tool_writes_markdown_and_json(tmp_path):
     (entry,) = json.loads(js.read_text())
     assert entry["model"] == "r18-pst" and entry["scale"] == "n" and entry["params_m"] == pytest.approx(16.46, abs=0.01)
     assert entry["gflops_all"] > entry["gflops"]  # attention matmuls on top of convolutions
-    assert "python scripts/model_sizes.py --configs r18-pst" in md.read_text()
+    assert "pst-yolo sizes --configs r18-pst" in md.read_text()
     assert "| `r18-pst` |" in md.read_text()

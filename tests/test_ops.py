@@ -7,6 +7,7 @@ import torch
 
 from pst_yolo.ops import coarse_key_scores, pyramid_sparse_attention, select_fine_tokens
 from pst_yolo.ops.backends import unusable_reason
+from pst_yolo.ops.reference import pyramid_sparse_attention_reference as reference_psa
 from pst_yolo.ops.statistics import pointwise_conv_moments
 
 SHAPES = [  # (B, heads, (H, W), (Hu, Wu))
@@ -17,8 +18,9 @@ SHAPES = [  # (B, heads, (H, W), (Hu, Wu))
 ]
 
 
-def reference_psa(q, k, v, k_fine, v_fine, fine_hw, coarse_hw, topk, threshold):
-    """Eq. 2-5 in float64 with explicit loops over batch items, heads and selected coarse tokens."""
+def loop_reference(q, k, v, k_fine, v_fine, fine_hw, coarse_hw, topk, threshold):
+    """Eq. 2-5 in float64 with explicit loops over batch items, heads and selected coarse tokens: an implementation
+    independent of pst_yolo.ops.reference, which every other test takes its reference from."""
     q, k, v, k_fine, v_fine = (t.double() for t in (q, k, v, k_fine, v_fine))
     (H, W), (_, Wu) = fine_hw, coarse_hw
     d = q.shape[-1]
@@ -55,6 +57,58 @@ def random_inputs(B, heads, fine_hw, coarse_hw, d=32, seed=0):
 def available_backends():
     q = torch.zeros(1, 1, 1, 32, device="cuda" if torch.cuda.is_available() else "cpu")
     return [b for b in ("naive", "sdpa", "flash", "sage") if unusable_reason(b, q, needs_grad=False) is None]
+
+
+@pytest.mark.parametrize("topk,threshold", [(0, 1e-6), (1, 1e-6), (8, 1e-6), (1000, 1e-6), (30, 1 / 49)])
+@pytest.mark.parametrize("B,heads,fine_hw,coarse_hw", SHAPES)
+def test_reference_module_matches_loops(topk, threshold, B, heads, fine_hw, coarse_hw):
+    """pst_yolo.ops.reference (dense, vectorised) against explicit loops over items, heads and selected tokens."""
+    inputs = random_inputs(B, heads, fine_hw, coarse_hw, seed=1)
+    expected = loop_reference(*inputs, fine_hw, coarse_hw, topk, threshold)
+    torch.testing.assert_close(reference_psa(*inputs, fine_hw, coarse_hw, topk, threshold), expected)
+
+
+def folded(conv, mean=None, var=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) in float64 of an Ultralytics Conv (bias-free conv + BN), BN folded; optionally with other
+    statistics (the fine map's) in place of the BN's running ones."""
+    bn = conv.bn
+    mean, var = bn.running_mean if mean is None else mean, bn.running_var if var is None else var
+    scale = bn.weight * (var + bn.eps).rsqrt()
+    return (conv.conv.weight * scale[:, None, None, None]).double(), (bn.bias - mean * scale).double()
+
+
+@pytest.mark.parametrize("topk", [0, 8])
+def test_psa_module_is_the_paper_layer(topk):
+    """PSAttn in eval, before and after Ultralytics' fuse, equals eq. 1-6 of pst_yolo.ops.reference on its weights."""
+    from ultralytics.utils.torch_utils import fuse_conv_and_bn
+
+    from pst_yolo import PSAttn
+    from pst_yolo.ops.reference import PSALayerWeights, psa_layer_reference
+
+    g = torch.Generator().manual_seed(0)
+    x, up = torch.randn(2, 64, 13, 11, generator=g), torch.randn(2, 64, 7, 6, generator=g)
+    module = PSAttn(64, 2, topk=topk)
+    for m in module.modules():  # BN statistics of this input (momentum 1), so that the fine branch acts
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 1.0
+    with torch.no_grad():
+        module.train()(x, up)
+        module.eval()
+        weights = PSALayerWeights(
+            folded(module.q), folded(module.kv), folded(module.kv, module.fine_kv_mean, module.fine_kv_var),
+            folded(module.pe), folded(module.proj),
+        )  # fmt: skip
+        expected = psa_layer_reference(x.double(), up.double(), weights, num_heads=2, topk=topk)
+        out = module(x, up)
+        module.fold_fine_norm()  # then what Ultralytics' BaseModel.fuse does to each Conv
+        for conv in (module.q, module.kv, module.pe, module.proj):
+            conv.conv, conv.forward = fuse_conv_and_bn(conv.conv, conv.bn), conv.forward_fuse
+            delattr(conv, "bn")
+        fused = module(x, up)
+    coarse_only = psa_layer_reference(x.double(), up.double(), weights, num_heads=2, topk=0)
+    assert topk == 0 or (expected - coarse_only).abs().max() > 1e-2  # the fine attention acts here
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fused.double(), expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["naive", "sdpa"])

@@ -9,7 +9,7 @@ from ultralytics.nn.modules import Conv
 from ultralytics.utils import LOGGER
 
 from ..ops import BACKENDS, FineProjection, pyramid_sparse_attention_parts
-from ..ops.backends import is_exporting
+from ..ops.export_compat import is_exporting
 from ..ops.layout import channels_first
 from ..ops.statistics import pointwise_conv_moments
 from ..validation import check_bool, check_choice, check_int, check_number, check_shape, check_tensor
@@ -285,7 +285,7 @@ class PSAttn(nn.Module):
 
         On the CPU the conv and the resize run channels-last (a copy of v in, one of the result out, whose backward
         hands the gradient back channels-last): PyTorch's CPU depthwise conv and bilinear resize run several times
-        faster in that layout, forward and backward (``scripts/cpe_layout.py``, DESIGN.md). Other devices and export
+        faster in that layout, forward and backward (docs/DESIGN.md). Other devices and export
         graphs keep channels-first. The result is the same to fp32 rounding.
         """
         channels_last = v.device.type == "cpu" and not is_exporting()

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 from ultralytics.nn.modules import Conv
 
-from ..ops.backends import is_exporting
+from ..ops.export_compat import is_exporting
 from ..validation import check_int, check_number, check_shape, check_tensor, check_type
 from .psa import HEAD_DIM, PSAttn
 

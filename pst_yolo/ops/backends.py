@@ -4,7 +4,7 @@ The default comes from the environment variable ``PST_ATTN_BACKEND`` (read once 
 :func:`set_backend` changes it and :func:`use_backend` changes it for a ``with`` block. ``auto`` picks the fastest
 usable kernel for the tensors at hand and falls back to SDPA with one log line; naming a backend that cannot run
 raises a ``RuntimeError`` that says why. Under ``torch.compile`` ``auto`` means ``sdpa``; while a graph is exported
-(:func:`is_exporting_graph`) every backend runs as plain MatMul + Softmax.
+(:func:`~pst_yolo.ops.export_compat.is_exporting_graph`) every backend runs as plain MatMul + Softmax.
 
 ``flash`` and ``sage`` run only on CUDA tensors. The one exception is a seam offered on purpose for tests:
 inside :func:`kernels_on_any_device` the device (and GPU generation) checks are skipped, so the adapters below can run
@@ -20,18 +20,17 @@ import importlib.util
 import logging
 import os
 import sys
-import warnings
 
 import torch
 import torch.nn.functional as F
 
 from ..validation import check_choice
+from . import export_compat
+from .export_compat import is_exporting, is_exporting_graph
 
 LOGGER = logging.getLogger("pst_yolo")
 BACKENDS = ("auto", "naive", "sdpa", "flash", "sage")
 SAGE_HEAD_DIMS = (64, 96, 128)
-TRACED_BLOCK_ELEMENTS = 1 << 20  # elements of one (B, h, rows, M) logits block in a traced graph (4 MB in fp32)
-TRACED_MAX_BLOCKS = 16  # query blocks per attention call in a traced graph at most
 # sageattention 1.0.6's non-causal kernel (attn_qk_int8_per_block.py, _attn_fwd_inner) loads keys in blocks of 64 and
 # does not mask the padding of the last block: with kv_len % 64 != 0 the padded slots join the softmax (measured with
 # the real kernel under TRITON_INTERPRET=1: 49 keys give outputs 15% too small). Fixed upstream only in 2.x.
@@ -87,31 +86,6 @@ def kernels_on_any_device(capability: tuple[int, int] | None = None):
         yield
     finally:
         _check_kernel_device, _seam_capability = previous
-
-
-def is_exporting() -> bool:
-    """True while tracing/scripting/compiling, where only plain PyTorch ops may run."""
-    return (
-        torch.jit.is_tracing()
-        or torch.jit.is_scripting()
-        or torch.onnx.is_in_onnx_export()
-        or torch.compiler.is_compiling()
-    )
-
-
-def is_exporting_graph() -> bool:
-    """True while a graph for another runtime is built: ONNX export, TorchScript tracing/scripting, ``torch.export``.
-
-    Unlike :func:`is_exporting`, false under ``torch.compile``, which keeps the fused kernels. Every converter of
-    Ultralytics' exporter (ONNX, OpenVINO, CoreML, PaddlePaddle, ncnn, LiteRT) reads such a graph, so in it attention
-    is plain MatMul + Softmax: no SDPA op for a converter to mistranslate (docs/EXPORT.md).
-    """
-    return (
-        torch.jit.is_tracing()
-        or torch.jit.is_scripting()
-        or torch.onnx.is_in_onnx_export()
-        or torch.compiler.is_exporting()
-    )
 
 
 def device_capability(q: torch.Tensor) -> tuple[int, int] | None:
@@ -252,36 +226,6 @@ def naive_attention(
     return logits.softmax(dim=-1) @ v
 
 
-def traced_query_blocks(q: torch.Tensor, num_keys: int) -> list[torch.Tensor]:
-    """q (B, h, N, d) cut along N into query blocks for a traced graph (TorchScript, ONNX); ``[q]`` elsewhere.
-
-    An exported graph runs attention as MatMul, Softmax and MatMul over the whole (B, h, N, M) logits, each node
-    streaming them through memory (41 MB at 640 px P3, 655 MB at 1280). Cut into blocks of at most
-    ``TRACED_BLOCK_ELEMENTS`` logits (at most ``TRACED_MAX_BLOCKS`` blocks), each block's chain runs in cache: ONNX
-    Runtime runs YOLO11n-PST at 640 5.4% (k=0) and 3.3% (k=8) faster with one thread (docs/BENCHMARKS.md, runs L to
-    N). The block count is fixed at the traced size; the block length is computed in the graph from N (Shape, Div,
-    Slice), so a dynamic graph is right at every size, where blocks past N are empty slices.
-
-    Args:
-        q: (B, h, N, d) queries.
-        num_keys: M, the keys each query attends to.
-
-    Returns:
-        Views of q along dim 2 that concatenate back to q.
-    """
-    if not torch.jit.is_tracing():
-        return [q]
-    B, h, n, _ = q.shape
-    with warnings.catch_warnings():  # a constant of the graph on purpose: the number of blocks
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        elements = int(B * h * n * num_keys)
-    blocks = min(TRACED_MAX_BLOCKS, -(-elements // TRACED_BLOCK_ELEMENTS))
-    if blocks <= 1:
-        return [q]
-    rows = (n + blocks - 1) // blocks  # traced: recomputed from N in the graph
-    return [q[:, :, i * rows : (i + 1) * rows] for i in range(blocks)]
-
-
 def _flash_attention(q, k, v, return_lse: bool):
     flash_attn = importlib.import_module("flash_attn")
     out = flash_attn.flash_attn_func(
@@ -324,7 +268,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, r
         (out, lse): out (B, h, N, d) in q's dtype, lse as above or None.
     """
     if backend == "naive" or is_exporting_graph():
-        blocks = traced_query_blocks(q, k.shape[2])
+        blocks = export_compat.traced_query_blocks(q, k.shape[2])
         out = naive_attention(q, k, v) if len(blocks) == 1 else torch.cat([naive_attention(b, k, v) for b in blocks], 2)
         return out, None
     if backend == "flash":

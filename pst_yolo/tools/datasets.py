@@ -7,7 +7,8 @@ writes an Ultralytics YOLO data set: ``images/{train,val}/*.png``, ``labels/{tra
 ``data.yaml`` with an absolute ``path``. Train and val images draw their digits from disjoint scans, so validation
 measures generalisation to unseen handwriting.
 
-``missing_coco_paths``, ``missing_imagenet_paths``, ``cuda_device_problem`` and ``exit_unless_ready`` check the inputs of the reproduction
+``missing_coco_paths``, ``missing_imagenet_paths``, ``cuda_device_problem`` and ``exit_unless_ready`` check the inputs
+of the reproduction
 scripts in ``scripts/`` (COCO / ImageNet in Ultralytics' layouts, the GPUs asked for).
 
 Examples:
@@ -153,7 +154,8 @@ def yolo_label_rows(boxes: list[tuple[int, np.ndarray]], size: int) -> list[str]
 def write_split(
     root: Path, split: str, count: int, compose_labelled: Callable[[], tuple[np.ndarray, list[str]]]
 ) -> None:
-    """Write ``count`` images from ``compose_labelled() -> (image, label rows)`` under ``root/{images,labels}/split``."""
+    """Write ``count`` images from ``compose_labelled() -> (image, label rows)`` under ``root/{images,labels}/split``.
+    """
     import cv2
 
     image_dir, label_dir = root / "images" / split, root / "labels" / split

@@ -56,7 +56,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", default="yolo11n-pst.yaml", help="PST model YAML (authors' layout, on YOLO12)")
     p.add_argument("--baseline", default="yolo12n.yaml", help="stock Ultralytics model YAML to compare with")
     p.add_argument("--device", default="cpu", help="Ultralytics device: cpu, 0, 0,1 ...")
-    p.add_argument("--workers", type=count("workers", 0), default=0, help="dataloader workers (Ultralytics uses 0 on CPU)")
+    p.add_argument(
+        "--workers", type=count("workers", 0), default=0, help="dataloader workers (Ultralytics uses 0 on CPU)"
+    )
     p.add_argument("--seed", type=count("seed", 0), default=0, help="seed for the data and both trainings")
     p.add_argument("--out", type=Path, default=Path("runs/pst-demo"), help="output folder (data, runs, summary)")
     return p.parse_args(argv)
@@ -168,7 +170,8 @@ def validate(weights: Path, data: Path, args: argparse.Namespace, project: Path,
 def format_table(rows: list[dict]) -> str:
     """The comparison table as Markdown."""
     lines = [
-        "| model | mAP50 | mAP50-95 | params (M, fused) | GFLOPs @640 (Ultralytics) | val time (s) | inference (ms/img) |",
+        "| model | mAP50 | mAP50-95 | params (M, fused) | GFLOPs @640 (Ultralytics) | val time (s) "
+        "| inference (ms/img) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -1,7 +1,7 @@
 """Model sizes: parameters and GFLOPs of every shipped config at every scale, beside the paper's numbers.
 
     pst-yolo sizes [--configs r18-pst yolo11-pst ...] [--markdown-out FILE] [--json-out FILE]
-    python scripts/model_sizes.py --markdown-out docs/MODEL_ZOO.md
+    pst-yolo sizes --markdown-out docs/MODEL_ZOO.md
 
 Every model is measured fused, in eval mode, with the fine branch off (k=0: the coarse-only network as trained),
 batch 1, by ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs = 2 x multiply-adds):
@@ -15,7 +15,7 @@ Configs that extend a stock model (``pst_yolo.configs.STOCK_COUNTERPARTS``: YOLO
 get a second table (``--stock-markdown-out``): each beside its stock counterpart at the same scale, with the
 state-dict items that ``YOLO(pst_yaml).load(stock.pt)`` transfers (:mod:`pst_yolo.tools.transfer`):
 
-    python scripts/model_sizes.py --configs yolo11-pst yolo11-seg-pst ... --scales n s --stock-markdown-out FILE
+    pst-yolo sizes --configs yolo11-pst yolo11-seg-pst ... --scales n s --stock-markdown-out FILE
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-
 from ultralytics.nn.tasks import (
     ClassificationModel,
     DetectionModel,
@@ -433,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
         print(markdown_table(sizes), end="")
     if comparisons:
         print(stock_comparison_table(comparisons), end="")
-    command = " ".join(["python scripts/model_sizes.py", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["pst-yolo sizes", *(argv if argv is not None else sys.argv[1:])])
     if args.markdown_out:
         args.markdown_out.write_text(markdown_document(sizes, command))
     if args.stock_markdown_out:

@@ -88,6 +88,9 @@ def image_batches(source: Path, imgsz: int, batch: int, batches: int) -> Iterato
 
 def parse_args(argv: list[str]) -> dict:
     """``key=value`` arguments -> keyword arguments of :func:`run`."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        raise SystemExit(0)
     options = dict(a.split("=", 1) for a in argv if "=" in a)
     unknown = set(options) - {"model", "source", "imgsz", "batch", "batches", "out"}
     if len(options) != len(argv) or unknown or not {"model", "source"} <= set(options):

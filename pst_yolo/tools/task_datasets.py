@@ -200,7 +200,7 @@ def build_digits_task(
     val_images: int = 60,
     imgsz: int = 160,
     seed: int = 0,
-    layout: DigitLayout = DigitLayout(),
+    layout: DigitLayout | None = None,
 ) -> Path:
     """Build the handwritten-digits set for ``task`` (segment, pose or obb) under ``root``; deterministic per seed.
 
@@ -211,13 +211,14 @@ def build_digits_task(
         val_images: Number of validation images.
         imgsz: Side of the square images in pixels.
         seed: Seed for the scan split, the layout and the backgrounds.
-        layout: Digits per image and their size range (fractions of ``imgsz``).
+        layout: Digits per image and their size range (fractions of ``imgsz``); None: ``DigitLayout()``.
 
     Returns:
         Path of the written ``data.yaml`` (absolute ``path``; pose sets add ``kpt_shape``, ``flip_idx``, ``kpt_names``).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got '{task}'")
+    layout = layout or DigitLayout()
 
     def compose_labelled(rng, alphas, classes):
         image, digits = compose_task_image(rng, alphas, classes, imgsz, layout, rotate=task == "obb")
