@@ -64,9 +64,9 @@ def main(argv: list[str] | None = None) -> None:
 
     overrides = parse_overrides(args.overrides)
     check_inputs(args)
-    import pst_yolo  # noqa: F401  registers PST with Ultralytics' parser
     from ultralytics import YOLO
 
+    import pst_yolo  # noqa: F401  registers PST with Ultralytics' parser
     from pst_yolo.tools.datasets import write_coco_data_yaml
 
     recipe = recipe_for(args.model, args.recipe)

@@ -14,7 +14,6 @@ import json
 import sys
 from pathlib import Path
 
-
 DEVICE_HINT = "Pass --device cpu or an id that exists."
 
 
