@@ -100,6 +100,7 @@ def test_quick_run_writes_every_table(tmp_path):
     ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
 
 
+@pytest.mark.slow
 def test_onnx_timing_sessions_share_one_thread_pool_per_process():
     """Timed ONNX sessions share their process's one pool (own pools slowed each other round-robin); a process asked
     for a second pool size fails with a clear error instead of timing with the first size."""
@@ -120,6 +121,7 @@ def test_cli_dispatches_bench():
     assert result.returncode == 0 and "--model-batches" in result.stdout
 
 
+@pytest.mark.slow
 def test_training_flops_count_each_conv_and_attention_product():
     """Conv FLOPs against torch's own counter (1x1 convs) and a hand count (depthwise: the counter's backward ignores
     groups); attention: q k^T and p v forward, four products backward."""

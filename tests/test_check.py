@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from standins import install_standins
 
@@ -19,6 +20,7 @@ from pst_yolo.tools.check import check_backends, check_speed, parse_args
 BIN = Path(sys.executable).parent
 
 
+@pytest.mark.slow
 def test_check_command_cpu_subset(tmp_path):
     out = tmp_path / "check"
     result = subprocess.run(

@@ -70,6 +70,7 @@ def assert_matches(outputs: dict, label: str) -> None:
     assert errors[0] < 1e-4 and errors[8] < 1e-4, errors
 
 
+@pytest.mark.slow
 def test_compiled_psa_module_matches_eager(calibrated):
     model, x = calibrated
     assert_matches(eager_and_compiled(model, x, whole_model=False), "P3 PSA module compiled")

@@ -14,9 +14,12 @@ import os
 import socket
 import time
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+pytestmark = pytest.mark.slow  # two training processes: the full suite, not the fast tier
 
 WORLD_SIZE, STEPS, IMGSZ, BATCH = 2, 3, 64, 2
 

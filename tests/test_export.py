@@ -40,6 +40,8 @@ from pst_yolo.ops import backends, export_compat
 from pst_yolo.ops.pyramid_sparse_attention import blocked_attention_with_scores
 from pst_yolo.tools.tensorrt_check import check_tensorrt_compatible
 
+pytestmark = pytest.mark.slow  # exports through the format runtimes: the full suite, not the fast tier
+
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 

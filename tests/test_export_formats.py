@@ -38,6 +38,8 @@ from ultralytics.utils import ASSETS
 
 from pst_yolo.tools.calibration import openvino_compile_config
 
+pytestmark = pytest.mark.slow  # exports through the format runtimes: the full suite, not the fast tier
+
 IMGSZ = 160  # every PSA map keeps more than k = 8 coarse tokens (P5: 5x5)
 ATOL = 1e-4  # fp32; boxes in units of the input size
 VISIBLE = 1e-2  # k=8 vs k=0 difference that shows the fine attention ran

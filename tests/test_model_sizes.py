@@ -6,6 +6,7 @@ Sizes are those of ``pst_yolo.tools.model_sizes`` (fused, eval, k=0; GFLOPs in t
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from ultralytics import YOLO
@@ -94,7 +95,13 @@ def test_task_and_yolo26_configs_define_every_scale():
     assert len(EXTENSION_MODELS) == 4 * len(EXTENSION_CONFIGS) == 40
 
 
-@pytest.mark.parametrize("name", EXTENSION_MODELS)
+def fast_tier_first(names) -> list:
+    """The n scale (and ResNet-18) of each config in the fast tier, every other scale in the full suite only."""
+    fast = re.compile(r"^(yolo\d+n-|r18-)")
+    return [name if fast.match(name) else pytest.param(name, marks=pytest.mark.slow) for name in names]
+
+
+@pytest.mark.parametrize("name", fast_tier_first(EXTENSION_MODELS))
 def test_task_and_yolo26_configs_build_at_every_scale(name):
     model = YOLO(f"{name}.yaml")
     task = next(
@@ -104,7 +111,7 @@ def test_task_and_yolo26_configs_build_at_every_scale(name):
     assert sum(isinstance(m, PST) for m in model.model.modules()) == 2
 
 
-@pytest.mark.parametrize("name", EXPECTED)
+@pytest.mark.parametrize("name", fast_tier_first(EXPECTED))
 def test_builds_by_short_name_with_documented_size(name):
     model = prepare_for_measuring(YOLO(f"{name}.yaml").model)  # the paper's scale when the config defines one
     params, gflops = EXPECTED[name]

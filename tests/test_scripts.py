@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the scripts in subprocesses: the full suite, not the fast tier
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 TRAIN_VAL = ("train_coco.py", "val_coco.py", "train_imagenet.py", "val_imagenet.py")
 
