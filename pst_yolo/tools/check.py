@@ -130,13 +130,6 @@ def _ultralytics_device(device) -> str:
     return "cpu" if device.type == "cpu" else str(device.index or 0)
 
 
-def _precision(half: bool) -> dict:
-    """``half=`` for Ultralytics 8.3; ``quantize=16|None`` on 8.4, where ``half`` is deprecated (same meaning)."""
-    from ultralytics.cfg import DEFAULT_CFG_DICT
-
-    return {"quantize": 16 if half else None} if "quantize" in DEFAULT_CFG_DICT else {"half": half}
-
-
 def check_validation(args, device, data: Path, weights: Path) -> Part:
     from ultralytics import YOLO
 
@@ -151,7 +144,7 @@ def check_validation(args, device, data: Path, weights: Path) -> Part:
             metrics = model.val(
                 data=str(data), imgsz=args.imgsz, batch=args.batch, device=_ultralytics_device(device),
                 plots=False, project=str(args.out / "runs"), name=f"val-k{topk}-half{half}", exist_ok=True,
-                **_precision(half),
+                quantize=16 if half else None,
             )  # fmt: skip
             row = {"topk": topk, "half": half, "mAP50": float(metrics.box.map50), "mAP50-95": float(metrics.box.map)}
             part.rows.append(row)
@@ -226,7 +219,7 @@ def check_export(args, device, data: Path, weights: Path) -> Part:
                     imgsz=args.imgsz,
                     device=_ultralytics_device(device),
                     batch=x.shape[0],
-                    **_precision(half),
+                    quantize=16 if half else None,
                 )
             finally:
                 PSAttn.override_topk(None)
