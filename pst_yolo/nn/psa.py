@@ -235,9 +235,9 @@ class PSAttn(nn.Module):
             _warn_once(
                 "loaded",
                 "PSAttn: this model's fine-map statistics (fine_kv_mean/fine_kv_var) are not finite, as AMP training "
-                "with pst-yolo < 0.2 left them; with top-k > 0 its outputs would be NaN. Recompute them with a few "
-                "train-mode batches: `pst-yolo recalibrate model=best.pt data=your.yaml` (as "
-                "torch.optim.swa_utils.update_bn does), or use top-k 0.",
+                "with pst-yolo < 0.2 left them; with top-k > 0 its outputs would be NaN. Recompute them from a few "
+                "batches of images: `pst-yolo recalibrate model=best.pt source=path/to/train/images` (as "
+                "torch.optim.swa_utils.update_bn recomputes BatchNorm statistics), or use top-k 0.",
             )
 
     def _tracks_fine_statistics(self) -> bool:

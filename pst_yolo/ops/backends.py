@@ -167,9 +167,10 @@ def unusable_reason(name: str, q: torch.Tensor, needs_grad: bool, kv_len: int | 
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"'{name}' needs float16/bfloat16 inputs, got {q.dtype} (use AMP or .half())"
     problem = kernel_import_problem(name)
+    if problem is not None:
+        return problem
     capability = device_capability(q)
-    if problem is None and capability is not None:
-        problem = generation_problem(name, capability, q.dtype)
+    problem = None if capability is None else generation_problem(name, capability, q.dtype)
     if problem is not None:
         return problem
     if name == "flash" and q.shape[-1] > 256:

@@ -17,14 +17,21 @@ from torch import nn
 BUNDLED_IMAGES = ("bus.jpg", "zidane.jpg")  # Ultralytics' own assets: no download
 
 
-def letterboxed(name: str, hw: tuple[int, int]) -> torch.Tensor:
-    """Ultralytics' bundled image ``name`` letterboxed to hw as predict does (no rect): (1, 3, H, W) RGB in [0, 1]."""
+def letterboxed_files(files: list[str | Path], hw: tuple[int, int]) -> torch.Tensor:
+    """Image files letterboxed to hw as predict does (no rect): (B, 3, H, W) RGB float32 in [0, 1]."""
     import cv2
     from ultralytics.data.augment import LetterBox
+
+    letterbox = LetterBox(hw, auto=False)
+    images = [letterbox(image=cv2.imread(str(f))) for f in files]  # (H, W, 3) BGR uint8 each
+    return torch.stack([torch.from_numpy(im[..., ::-1].transpose(2, 0, 1).copy()) for im in images]).float() / 255
+
+
+def letterboxed(name: str, hw: tuple[int, int]) -> torch.Tensor:
+    """Ultralytics' bundled image ``name`` letterboxed to hw as predict does (no rect): (1, 3, H, W) RGB in [0, 1]."""
     from ultralytics.utils import ASSETS
 
-    image = LetterBox(hw, auto=False)(image=cv2.imread(str(ASSETS / name)))
-    return torch.from_numpy(image[..., ::-1].transpose(2, 0, 1).copy()).float()[None] / 255
+    return letterboxed_files([ASSETS / name], hw)
 
 
 def calibrate_random_weights(model: nn.Module, batch: torch.Tensor) -> None:

@@ -171,13 +171,9 @@ def fine_branch_effect(weights: Path, x, imgsz: int) -> float:
 
 def _val_batch(data: Path, imgsz: int):
     """Up to 4 validation images letterboxed to imgsz: (B, 3, imgsz, imgsz) float32 in [0, 1]."""
-    import cv2
-    import torch
-    from ultralytics.data.augment import LetterBox
+    from .calibration import letterboxed_files
 
-    files = sorted((data.parent / "images" / "val").glob("*.png"))[:4]
-    images = [LetterBox((imgsz, imgsz), auto=False)(image=cv2.imread(str(f))) for f in files]
-    return torch.stack([torch.from_numpy(im[..., ::-1].transpose(2, 0, 1).copy()) for im in images]).float() / 255
+    return letterboxed_files(sorted((data.parent / "images" / "val").glob("*.png"))[:4], (imgsz, imgsz))
 
 
 def _output_difference(a, b, imgsz: int) -> float:

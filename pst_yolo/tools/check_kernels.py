@@ -151,7 +151,8 @@ def check_speed(args, device) -> Part:
     variants = model_variants(["yolo12n", "yolo11n-pst"], 8, backends, device)
     for model, *_ in variants.values():
         model.to(dtype)
-    x = torch.rand(1, 3, imgsz, imgsz, device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.rand(1, 3, imgsz, imgsz, device=device, dtype=dtype, generator=g)
     calls = {label: forward_with_topk(*variant[:3], x) for label, variant in variants.items()}
     with torch.inference_mode():
         ms = time_round_robin(calls, repeats, warmup, device)

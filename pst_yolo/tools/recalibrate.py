@@ -21,6 +21,7 @@ from torch import nn
 
 from ..nn import PSAttn
 from ..ops.statistics import pointwise_conv_moments
+from .calibration import letterboxed_files
 
 USAGE = "usage: pst-yolo recalibrate model=best.pt source=DIR [imgsz=640] [batch=16] [batches=8] [out=FILE]"
 
@@ -73,17 +74,13 @@ def recompute_fine_statistics(model: nn.Module, batches: Iterable[torch.Tensor])
 def image_batches(source: Path, imgsz: int, batch: int, batches: int) -> Iterator[torch.Tensor]:
     """Up to ``batches`` batches (B, 3, imgsz, imgsz) float32 in [0, 1] of the images in ``source``, letterboxed as
     Ultralytics' validation does, in sorted file order."""
-    import cv2
-    from ultralytics.data.augment import LetterBox
     from ultralytics.data.utils import IMG_FORMATS
 
     files = sorted(p for p in source.rglob("*") if p.suffix[1:].lower() in IMG_FORMATS)[: batch * batches]
     if not files:
         raise SystemExit(f"pst-yolo recalibrate: no images in '{source}'.")
-    letterbox = LetterBox((imgsz, imgsz), auto=False)
     for start in range(0, len(files), batch):
-        images = [letterbox(image=cv2.imread(str(f))) for f in files[start : start + batch]]
-        yield torch.stack([torch.from_numpy(im[..., ::-1].transpose(2, 0, 1).copy()) for im in images]).float() / 255
+        yield letterboxed_files(files[start : start + batch], (imgsz, imgsz))
 
 
 def parse_args(argv: list[str]) -> dict:

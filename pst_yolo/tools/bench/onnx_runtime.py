@@ -135,7 +135,7 @@ def bench_models_onnx(args, variants: dict, folder: Path) -> list[dict]:
     """
     rows = []
     for batch in args.model_batches:
-        x = torch.rand(batch, 3, args.imgsz, args.imgsz)
+        x = torch.rand(batch, 3, args.imgsz, args.imgsz, generator=torch.Generator().manual_seed(0))
         paths = {
             label: export_onnx(model.cpu(), k, x, Path(folder) / f"{label.replace(' ', '_')}-b{batch}.onnx")
             for label, (model, k, backend) in variants.items()
