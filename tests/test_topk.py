@@ -95,6 +95,8 @@ def test_bad_arguments_exit_with_a_message(tmp_path):
         topk.main(["model=x.pt", "ks=0,a"])
     with pytest.raises(SystemExit, match="save must be"):
         topk.main(["model=x.pt", "save=maybe"])
+    with pytest.raises(SystemExit, match="bootstrap must be an integer >= 50"):
+        topk.main(["model=x.pt", "bootstrap=10"])
 
 
 def test_stock_model_is_refused(tmp_path):
@@ -142,16 +144,19 @@ def predictions(val_dir: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_topk_end_to_end_with_stock_yolo_val(trained, tmp_path):
-    """Table, plot and a copy whose default k is the best one; stock ``yolo val`` of the copy predicts as the tool did
-    at that k (identical predictions.json), which differs from the other k's predictions."""
+    """Table with intervals, plot and a copy whose default k is the chosen one; stock ``yolo val`` of the copy predicts
+    as the tool did at that k (identical predictions.json), which differs from the other k's predictions."""
     weights, data = trained
     common = [f"data={data}", f"imgsz={IMGSZ}", "batch=6", "device=cpu", "workers=0", "conf=0", "save_json=True"]
     out = run("pst-yolo", "topk", f"model={weights}", "ks=0,4", "save=True", f"project={tmp_path}", "name=sweep",
-              *common, cwd=tmp_path)  # fmt: skip
-    assert "| k | mAP50 | mAP50-95 | fitness | inference (ms/img) |" in out
+              "bootstrap=100", "latency_rounds=3", *common, cwd=tmp_path)  # fmt: skip
+    assert "| k | mAP50 [95% interval] | mAP50-95 [95% interval] | Δ mAP50-95 vs k=0 |" in out
     summary = json.loads((tmp_path / "sweep" / "topk.json").read_text())
-    assert [r["k"] for r in summary["rows"]] == [0, 4] and summary["saved_k"] == summary["best_k"]
-    assert len((tmp_path / "sweep" / "topk.md").read_text().splitlines()) == 4  # header, rule, k=0, k=4
+    assert [r["k"] for r in summary["rows"]] == [0, 4] and summary["saved_k"] == summary["chosen_k"]
+    assert summary["decision"]["text"] in out and summary["decision"]["images"] == 6
+    assert all(len(r["intervals"]["mAP50-95"]) == 2 and r["latency"]["median"] > 0 for r in summary["rows"])
+    table = (tmp_path / "sweep" / "topk.md").read_text().split("\n\n")
+    assert len(table[0].splitlines()) == 4 and table[1].startswith(f"latency at {IMGSZ} px")  # header, rule, k=0, k=4
     plot = cv2.imread(summary["plot"])
     assert plot is not None and plot.shape[0] > 300 and plot.shape[1] > 500
     by_k = {r["k"]: r for r in summary["rows"]}

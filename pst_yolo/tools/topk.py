@@ -1,17 +1,28 @@
-"""Choose the PSA top-k on your own data: validate a trained PST model at several k (paper Table 4a) in one load.
+"""Choose the PSA top-k on your own data: validate a trained PST model at several k (paper Table 4a) in one load,
+and keep the cheapest k unless a larger one is ahead beyond the noise.
 
-    pst-yolo topk model=best.pt [data=data.yaml] [ks=0,4,8,16,32] [save=True|K] [project=runs/pst-topk] [name=NAME]
-                  [plots=False] [any other `yolo val` key, e.g. imgsz=640 batch=16 device=0 split=val]
+    pst-yolo topk model=best.pt [data=data.yaml] [ks=0,4,8,16,32] [save=True|K] [bootstrap=1000] [seed=0]
+                  [latency_rounds=20] [project=runs/pst-topk] [name=NAME] [plots=False]
+                  [any other `yolo val` key, e.g. imgsz=640 batch=16 device=0 split=val]
 
 Each k is validated by the task's own Ultralytics validator (``model.val``), so detection, segmentation, pose, OBB and
-classification models all work; ``data`` and ``imgsz`` default to the ones the model was trained with. Prints a
-Table 4a-style table (k, the task's two headline metrics, Ultralytics' fitness, inference ms/image from the
-validator's speed dict) and writes ``topk.md``, ``topk.json`` and ``topk.png`` (metrics and latency against k) to
-``project/name``. The best k is the one with the highest fitness (Ultralytics' own ``best.pt`` criterion: mAP50-95 for
-detection, the mean of top-1 and top-5 for classification); ties go to the smaller, cheaper k. ``save=True`` writes a
-copy of the checkpoint with the best k (``save=K``: with k = K) on every PSA module of its model and EMA and in its
-YAML rows, so stock ``yolo val/predict/export`` use it by default and ``yolo train model=copy.pt`` keeps it. The
-original checkpoint is never modified. Latency on a shared CPU is noisy: compare it on the machine you deploy on.
+classification models all work; ``data`` and ``imgsz`` default to the ones the model was trained with. The metric is
+Ultralytics' fitness (its ``best.pt`` criterion: mAP50-95 for detection and OBB, box + mask or box + pose mAP50-95
+for segmentation and pose, the mean of top-1 and top-5 for classification). Its uncertainty comes from the same
+validation: a paired bootstrap over the validation images (``bootstrap`` resamples, default 1000, each k rescored on
+the same resampled images from the per-image statistics its validator keeps; costs ``bootstrap * len(ks)`` metric
+evaluations, so a smaller count suits a large set; fixed ``seed``: same checkpoint and data, same answer) gives a 95%
+interval of each k's metric and of its difference to the cheapest and to the best k. The choice is the cheapest k
+whose difference to the best k reaches 0; the tool says why in words, and when the validation set is too small to
+separate any k from another, about how many images would. Where a task's validator keeps no per-image statistics,
+it warns and chooses the highest fitness. Latency is measured apart from validation: the fused model at the
+deployment size (``imgsz``), batch 1, ``latency_rounds`` rounds interleaved over k, reported as median and
+interquartile range with the machine; a difference inside that spread is not ranked (``≈ k=0``) and latency does not
+enter the choice. Writes ``topk.md``, ``topk.json`` and ``topk.png`` (metrics with their intervals and latency with
+its spread against k) to ``project/name``. ``save=True`` writes a copy of the checkpoint with the chosen k
+(``save=K``: with k = K) on every PSA module of its model and EMA and in its YAML rows, so stock
+``yolo val/predict/export`` use it by default and ``yolo train model=copy.pt`` keeps it. The original checkpoint is
+never modified.
 """
 
 from __future__ import annotations
@@ -26,33 +37,10 @@ import torch
 from torch import nn
 
 from ..nn import PST, PSAttn, set_topk
+from .topk_evidence import Evidence, PerImageRecorder, fallback_text, headline_metrics, metric_label, weigh
 
 USAGE = __doc__.split("\n\n")[1]
 DEFAULT_KS = (0, 4, 8, 16, 32)
-DETECTION_METRIC = "metrics/mAP50-95("  # results_dict keys of detection-family metrics: box (B), mask (M), pose (P)
-
-
-def headline_metrics(metrics) -> dict[str, float]:
-    """The task's two headline numbers from an Ultralytics metrics object, plus its fitness.
-
-    Detection-family tasks give ``mAP50`` and ``mAP50-95`` of their last metric group (box for detect/OBB, mask for
-    segment, pose keypoints for pose); other tasks give their first two ``results_dict`` values (classification:
-    ``accuracy_top1``, ``accuracy_top5``).
-    """
-    results = metrics.results_dict
-    groups = [key[len(DETECTION_METRIC) : -1] for key in results if key.startswith(DETECTION_METRIC)]
-    if groups:
-        g = groups[-1]
-        return {
-            "mAP50": float(results[f"metrics/mAP50({g})"]),
-            "mAP50-95": float(results[f"metrics/mAP50-95({g})"]),
-            "fitness": float(results["fitness"]),
-        }
-    names = [key for key in results if key != "fitness"][:2]
-    return {
-        **{name.removeprefix("metrics/"): float(results[name]) for name in names},
-        "fitness": float(metrics.fitness),
-    }
 
 
 def count_psa(model: nn.Module) -> int:
@@ -113,49 +101,39 @@ def best_k(rows: list[dict]) -> int:
     return max(rows, key=lambda r: (r["fitness"], -r["k"]))["k"]
 
 
-def metric_names(rows: list[dict]) -> list[str]:
-    """The headline metric names of sweep rows (e.g. ``["mAP50", "mAP50-95"]``)."""
-    return [key for key in rows[0] if key not in ("k", "fitness", "inference_ms", "total_ms", "val_dir")]
+def choose(
+    rows: list[dict], recorder: PerImageRecorder, task: str, resamples: int = 1000, seed: int = 0
+) -> tuple[int, Evidence | None, str]:
+    """The k to keep, from the per-image statistics that ``recorder`` captured during the sweep of ``rows``.
 
+    Args:
+        rows: Sweep rows, one per validation run of ``recorder`` and in its order.
+        recorder: The per-image statistics of each run.
+        task: The model's task, for the metric's name and the warnings.
+        resamples, seed: Of the paired bootstrap (:func:`~pst_yolo.tools.topk_evidence.weigh`).
 
-def format_table(rows: list[dict]) -> str:
-    """A Table 4a-style Markdown table of sweep rows, the best k marked."""
-    names, best = metric_names(rows), best_k(rows)
-    lines = [
-        f"| k | {' | '.join(names)} | fitness | inference (ms/img) | pre+inf+post (ms/img) |",
-        "|---" * (len(names) + 4) + "|",
-    ]
+    Returns:
+        The chosen k, the evidence (``None`` where the validator keeps no per-image statistics: then the k with the
+        highest fitness, with a warning) and the decision text.
+    """
+    from ultralytics.utils import LOGGER
+
+    if recorder.unsupported:
+        text = fallback_text(task, recorder.unsupported, best_k(rows))
+        LOGGER.warning(text)
+        return best_k(rows), None, text
+    if len(recorder.runs) != len(rows):
+        raise RuntimeError(f"pst-yolo topk: {len(recorder.runs)} validation runs recorded for {len(rows)} k.")
+    runs = dict(zip((r["k"] for r in rows), recorder.runs))
+    images = len(recorder.runs[0])
+    LOGGER.info(f"pst-yolo topk: paired bootstrap, {resamples} resamples of {images} images x {len(rows)} k")
+    evidence = weigh(runs, metric_label(task), resamples, seed)
     for r in rows:
-        values = " | ".join(f"{r[n]:.4f}" for n in names)
-        k = f"**{r['k']}** (best)" if r["k"] == best else str(r["k"])
-        lines.append(f"| {k} | {values} | {r['fitness']:.4f} | {r['inference_ms']:.2f} | {r['total_ms']:.2f} |")
-    return "\n".join(lines)
-
-
-def plot_sweep(rows: list[dict], path: Path, title: str) -> Path:
-    """Headline metrics (left axis) and inference latency (right axis) against k, saved to ``path`` (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ks = [r["k"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4), tight_layout=True)
-    for name, marker in zip(metric_names(rows), "os"):
-        ax.plot(ks, [r[name] for r in rows], marker=marker, label=name)
-    ax.set_xlabel("top-k (0 = coarse attention only)")
-    ax.set_ylabel("metric")
-    ax.set_xticks(ks)
-    latency = ax.twinx()
-    latency.plot(ks, [r["inference_ms"] for r in rows], "k--^", label="inference ms/img")
-    latency.set_ylabel("inference (ms/img)")
-    handles = ax.get_legend_handles_labels()[0] + latency.get_legend_handles_labels()[0]
-    ax.legend(handles, [h.get_label() for h in handles], loc="best", fontsize=8)
-    ax.axvline(best_k(rows), color="grey", lw=0.8, ls=":")
-    ax.set_title(title, fontsize=9)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+        if abs(evidence.point[r["k"]]["fitness"] - r["fitness"]) > 1e-9:
+            raise RuntimeError(f"pst-yolo topk: k={r['k']}: the per-image statistics score fitness "
+                               f"{evidence.point[r['k']]['fitness']}, the validator {r['fitness']}.")  # fmt: skip
+        r.update(evidence.row_fields(r["k"]))
+    return evidence.chosen, evidence, evidence.text
 
 
 def yaml_with_topk(yaml: dict, k: int) -> dict:
@@ -215,6 +193,12 @@ def parse_args(argv: list[str]) -> dict:
         save = int(save)
     else:
         raise SystemExit(f"pst-yolo topk: save must be True, False or a top-k value, got '{save}'.")
+    counts = {}
+    for key, default, minimum in (("bootstrap", 1000, 50), ("seed", 0, 0), ("latency_rounds", 20, 3)):
+        value = options.pop(key, str(default))
+        if not value.isdigit() or int(value) < minimum:
+            raise SystemExit(f"pst-yolo topk: {key} must be an integer >= {minimum}, got '{value}'.")
+        counts[key] = int(value)
     model = Path(options.pop("model"))
     if model.suffix != ".pt" or not model.is_file():
         raise SystemExit(f"pst-yolo topk: model must be a trained checkpoint file (.pt), got '{model}'.")
@@ -222,16 +206,32 @@ def parse_args(argv: list[str]) -> dict:
         "model": model,
         "ks": sorted(ks),
         "save": save,
+        **counts,
         "project": Path(options.pop("project", "runs/pst-topk")),
         "name": options.pop("name", model.stem),
         "val_kwargs": {key: smart_value(value) for key, value in options.items()},
     }
 
 
-def run(model: Path, ks: list[int], save: bool | int, project: Path, name: str, val_kwargs: dict) -> dict:
-    """Sweep ``ks`` on ``model``; write the table, JSON, plot and (``save``) the checkpoint copy; return a summary."""
+def run(
+    model: Path,
+    ks: list[int],
+    save: bool | int,
+    project: Path,
+    name: str,
+    val_kwargs: dict,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    latency_rounds: int = 20,
+) -> dict:
+    """Sweep ``ks`` on ``model``, weigh the evidence, time each k; write the table, JSON, plot and (``save``) the
+    checkpoint copy; return a summary."""
     from ultralytics import YOLO
     from ultralytics.utils.files import increment_path
+    from ultralytics.utils.torch_utils import select_device
+
+    from .topk_latency import machine_label, measure_latency
+    from .topk_report import format_table, intervals_note, plot_sweep
 
     yolo = YOLO(str(model))
     if not count_psa(yolo.model):
@@ -241,15 +241,32 @@ def run(model: Path, ks: list[int], save: bool | int, project: Path, name: str, 
         )
     save_dir = increment_path(project / name, mkdir=True)
     plots = bool(val_kwargs.pop("plots", False))
-    rows = sweep(yolo, ks, save_dir, plots=plots, **val_kwargs)
-    best = best_k(rows)
-    table = format_table(rows)
-    (save_dir / "topk.md").write_text(table + "\n")
-    plot = plot_sweep(rows, save_dir / "topk.png", f"{model} ({yolo.task})")
-    summary = {"model": str(model), "task": yolo.task, "best_k": best, "rows": rows, "table": str(save_dir / "topk.md"),
-               "plot": str(plot)}  # fmt: skip
+    recorder = PerImageRecorder().attach(yolo)
+    try:
+        rows = sweep(yolo, ks, save_dir, plots=plots, **val_kwargs)
+    finally:
+        recorder.detach(yolo)
+    chosen, evidence, decision = choose(rows, recorder, yolo.task, bootstrap, seed)
+
+    imgsz = val_kwargs.get("imgsz") or yolo.overrides.get("imgsz") or 640
+    device = select_device(val_kwargs.get("device") or "", verbose=False)
+    latency = measure_latency(yolo.model, ks, imgsz, device, rounds=latency_rounds)
+    machine = machine_label(device)
+    for r in rows:
+        r["latency"] = latency[r["k"]].to_json()
+    table = format_table(rows, chosen, evidence, latency)
+    latency_title = f"latency at {imgsz} px, batch 1, fp32, {latency_rounds} rounds: {machine}"
+    note = f"{intervals_note(evidence)}\n\n" if evidence else ""
+    (save_dir / "topk.md").write_text(f"{table}\n\n{latency_title}\n\n{note}{decision}\n")
+    title = f"{Path(*model.parts[-4:])} ({yolo.task})"
+    plot = plot_sweep(rows, chosen, evidence, latency, save_dir / "topk.png", title, latency_title)
+    summary = {"model": str(model), "task": yolo.task, "best_k": best_k(rows), "chosen_k": chosen,
+               "decision": evidence.to_json() if evidence else {"chosen_k": chosen, "text": decision},
+               "latency": {"imgsz": imgsz, "batch": 1, "dtype": "fp32", "rounds": latency_rounds, "machine": machine,
+                           "device": str(device)},
+               "rows": rows, "table": str(save_dir / "topk.md"), "plot": str(plot)}  # fmt: skip
     if save is not False:
-        k = best if save is True else save
+        k = chosen if save is True else save
         summary["saved"] = str(save_with_topk(model, save_dir / f"{model.stem}-topk{k}.pt", k, rows))
         summary["saved_k"] = k
     (save_dir / "topk.json").write_text(json.dumps(summary, indent=2))
@@ -264,9 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     summary = run(**parse_args(args))
     print(f"\npst-yolo topk: {summary['model']} ({summary['task']})\n{Path(summary['table']).read_text()}")
-    print(
-        f"best k = {summary['best_k']} (highest fitness); table, topk.json and plot in {Path(summary['plot']).parent}"
-    )
+    print(f"k = {summary['chosen_k']} chosen; table, topk.json and plot in {Path(summary['plot']).parent}")
     if "saved" in summary:
         print(f"wrote {summary['saved']} with top-k {summary['saved_k']} as its default; use it with: "
               f"yolo val model={summary['saved']}")  # fmt: skip

@@ -21,11 +21,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_round_robin(
+def round_robin_samples(
     variants: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device, clock: str = "wall"
-) -> dict[str, float]:
-    """Median milliseconds per call of each variant, calling every variant once per round (round-robin) for
-    ``warmup`` untimed rounds and then ``repeats`` timed ones, so load from other processes hits every variant alike.
+) -> dict[str, list[float]]:
+    """Milliseconds of each timed call of each variant, in round order, calling every variant once per round
+    (round-robin) for ``warmup`` untimed rounds and then ``repeats`` timed ones, so load from other processes hits
+    every variant alike and round ``i`` of two variants can be compared pairwise.
 
     ``clock="cpu"`` measures the process's CPU time instead of wall time: with one thread it is the compute time,
     and time spent waiting while other processes hold the cores does not count (use it on a shared machine).
@@ -40,7 +41,15 @@ def time_round_robin(
             synchronize(device)
             if round_index >= warmup:
                 times[name].append((now() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def time_round_robin(
+    variants: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device, clock: str = "wall"
+) -> dict[str, float]:
+    """Median milliseconds per call of each variant over the rounds of :func:`round_robin_samples`."""
+    samples = round_robin_samples(variants, repeats, warmup, device, clock)
+    return {name: statistics.median(t) for name, t in samples.items()}
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -104,4 +113,3 @@ def gemm_gflops(device: torch.device, size: int, repeats: int, clock: str = "wal
     call, flops = gemm_call(device, size, torch.float32)
     ms = time_round_robin({"gemm": call}, repeats, 1, device, clock)["gemm"]
     return flops / (ms * 1e-3) / 1e9
-
