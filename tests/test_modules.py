@@ -2,12 +2,9 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 from ultralytics.utils.torch_utils import fuse_conv_and_bn
 
 from pst_yolo import PST, PSAttn, set_topk
-
-CL = torch.channels_last
 
 
 def pst_inputs(B=2, c1=48, c_up=80, fine_hw=(13, 13), seed=0):
@@ -76,54 +73,6 @@ def test_gradients_reach_every_training_parameter():
     module(pst_inputs()).square().mean().backward()
     missing = [name for name, p in module.named_parameters() if p.grad is None or not p.grad.abs().sum()]
     assert not missing, f"no gradient for {missing}"
-
-
-def cpe_reference(attn, v, size):
-    """The CPE as the authors' code runs it: conv and bilinear resize, channels-first."""
-    return F.interpolate(attn.pe(v), size=size, mode="bilinear", align_corners=False)
-
-
-@pytest.mark.parametrize("size", [(14, 10), (13, 9)])
-def test_cpu_cpe_runs_channels_last_with_channels_first_results(size):
-    """On the CPU the CPE conv and resize run channels-last (faster, forward and backward); the output, every gradient
-    and the layout of the gradient that reaches the resize match the channels-first computation, and the returned map
-    is channels-first."""
-    torch.manual_seed(0)
-    attn = PSAttn(64, 2).train()
-    v = torch.randn(3, 64, 7, 5, requires_grad=True)
-    layouts = []  # is the input channels-last: the conv's, then the resize's gradient's
-    attn.pe.conv.register_forward_pre_hook(lambda m, a: layouts.append(a[0].is_contiguous(memory_format=CL)))
-    cpe = attn.positional_encoding(v, size)
-    assert layouts == [True] and cpe.is_contiguous(), "channels-last inside, channels-first out"
-    cpe.grad_fn.next_functions[0][0].register_prehook(lambda g: layouts.append(g[0].is_contiguous(memory_format=CL)))
-    grad = torch.randn_like(cpe)
-    cpe.backward(grad)
-    assert layouts == [True, True], "the resize's backward reads a channels-last gradient"
-    got = [v.grad] + [p.grad for p in attn.pe.parameters()]
-    v_ref = v.detach().clone().requires_grad_()
-    attn.zero_grad()
-    reference = cpe_reference(attn, v_ref, size)
-    assert layouts[-1] is False
-    reference.backward(grad)
-    expected = [v_ref.grad] + [p.grad for p in attn.pe.parameters()]
-    torch.testing.assert_close(cpe, reference, rtol=1e-5, atol=1e-5)
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    attn.eval()
-    with torch.no_grad():  # inference: channels-last too
-        cpe = attn.positional_encoding(v, size)
-        assert layouts[-1] is True and cpe.is_contiguous()
-        torch.testing.assert_close(cpe, cpe_reference(attn, v, size), rtol=1e-5, atol=1e-5)
-
-
-def test_exported_cpe_stays_channels_first():
-    """Export graphs keep the channels-first CPE (no layout copies, no custom autograd op)."""
-    attn = PSAttn(64, 2).eval()
-    layouts = []
-    attn.pe.conv.register_forward_pre_hook(lambda m, a: layouts.append(a[0].is_contiguous()))
-    with torch.no_grad():
-        torch.jit.trace(attn, (torch.randn(1, 64, 14, 10), torch.randn(1, 64, 7, 5)), check_trace=False)
-    assert layouts and all(layouts)
 
 
 def test_fine_in_training_trains_the_fine_branch():

@@ -10,7 +10,6 @@ from ultralytics.utils import LOGGER
 
 from ..ops import BACKENDS, FineProjection, pyramid_sparse_attention_parts
 from ..ops.export_compat import is_exporting
-from ..ops.layout import channels_first
 from ..ops.statistics import pointwise_conv_moments
 from ..validation import check_bool, check_choice, check_int, check_number, check_shape, check_tensor
 
@@ -281,15 +280,5 @@ class PSAttn(nn.Module):
 
     def positional_encoding(self, v: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """CPE of the coarse V map v (B, C, Hu, Wu): 7x7 depthwise conv + BN, resized bilinearly to ``size`` (H, W);
-        returns (B, C, H, W) channels-first.
-
-        On the CPU the conv and the resize run channels-last (a copy of v in, one of the result out, whose backward
-        hands the gradient back channels-last): PyTorch's CPU depthwise conv and bilinear resize run several times
-        faster in that layout, forward and backward (docs/DESIGN.md). Other devices and export
-        graphs keep channels-first. The result is the same to fp32 rounding.
-        """
-        channels_last = v.device.type == "cpu" and not is_exporting()
-        if channels_last:
-            v = v.contiguous(memory_format=torch.channels_last)
-        cpe = F.interpolate(self.pe(v), size=size, mode="bilinear", align_corners=False)
-        return channels_first(cpe) if channels_last else cpe
+        returns (B, C, H, W)."""
+        return F.interpolate(self.pe(v), size=size, mode="bilinear", align_corners=False)

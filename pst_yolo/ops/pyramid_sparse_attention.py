@@ -197,7 +197,8 @@ def selected_keys_values(projection: FineProjection, index: torch.Tensor) -> tup
     """Fine K/V of the selected tokens only: each head's slice of the projection applied to that head's tokens.
 
     Equals projecting the whole fine map and gathering the selected rows (``gather_tokens(k_fine, index)``) up to
-    fp32 rounding, at T / N of the projection's cost (T = 4k tokens per head instead of all N).
+    fp32 rounding, at T / N of the projection's cost (T = 4k tokens per head instead of all N): 6% of YOLO11n-PST's
+    latency at k=8 (640 px, 1 thread, CPU time; median of 3 runs, 4.5-6.2%).
 
     Args:
         projection: The fine map and the K/V projection (see :class:`FineProjection`).
