@@ -14,3 +14,10 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     # and spinning OpenMP threads slow every process down. Subprocesses (the yolo CLI) inherit the setting.
     workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+
+
+def pytest_configure(config):
+    """Under ``-n`` each test file runs on one worker (``--dist loadfile``): the module-scoped fixtures (trained and
+    calibrated checkpoints, exports) are built once, not once per worker."""
+    if getattr(config.option, "dist", "no") == "load":
+        config.option.dist = "loadfile"

@@ -8,6 +8,7 @@ calibrated on the input.
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,24 @@ from pst_yolo.tools.calibration import (  # noqa: F401  (re-exported for the tes
     max_abs_diff,
     reference_model,
 )
+
+RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+def assert_standard_graph(path: str | Path, k: int) -> None:
+    """Fine selection as TopK + GatherElements iff k > 0; no random ops, no custom domains, TensorRT-parsable."""
+    import onnx
+
+    from pst_yolo.tools.tensorrt_check import check_tensorrt_compatible
+
+    model = onnx.load(str(path))
+    ops = Counter(node.op_type for node in model.graph.node)
+    assert (ops["TopK"] > 0) == (k > 0), ops
+    assert (ops["GatherElements"] + ops["Gather"] > 0) if k else ops["GatherElements"] == 0, ops
+    assert not RANDOM_OPS & set(ops), ops
+    assert {node.domain for node in model.graph.node} <= {"", "ai.onnx"}
+    assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
+    assert check_tensorrt_compatible(path) == []
 
 
 @contextlib.contextmanager
@@ -58,6 +77,14 @@ def ort_output(path: str | Path, x: torch.Tensor) -> np.ndarray:
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def mean_abs_diff(reference: np.ndarray, output: np.ndarray, size: int) -> float:
+    """Mean |difference| of two detection outputs (B, 4 + nc, A), boxes (first 4 rows) in units of the input size:
+    the measure of quantization error (a max over 10^4 values would track one outlier, not the quantizer)."""
+    diff = np.abs(np.asarray(reference, np.float64) - np.asarray(output, np.float64))
+    diff[:, :4] /= size
+    return float(diff.mean())
 
 
 def assert_same_boxes(ours, theirs, xyxy_atol: float, conf_atol: float) -> None:

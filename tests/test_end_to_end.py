@@ -1,6 +1,7 @@
 """End to end through the stock ``yolo`` CLI on a tiny offline dataset of real images (slow)."""
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -10,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from export_helpers import assert_standard_graph, letterboxed, max_abs_diff, ort_output, reference_model, torch_output
 from ultralytics.utils import ASSETS
 
 BIN = Path(sys.executable).parent
@@ -142,11 +144,21 @@ def test_reload_in_fresh_process_is_deterministic_and_fine_attention_matters(tra
     assert not torch.equal(runs[0][0], runs[0][8]), "fine attention (topk=8) must change the output"
 
 
-def test_stock_export_onnx(trained):
-    pytest.importorskip("onnx")
+def test_cli_export_onnx_matches_torch(trained):
+    """Stock ``yolo export`` of the trained best.pt (its YAML's k = 8) and ``pst-yolo export topk=0``: standard dynamic
+    ONNX graphs that ONNX Runtime runs as PyTorch does at that k, on a shape other than the exported one."""
+    pytest.importorskip("onnxruntime")
     root, _, best = trained
-    out = yolo("export", f"model={best}", "format=onnx", "imgsz=96", cwd=root)
-    assert best.with_suffix(".onnx").exists(), out[-2000:]
+    x = letterboxed("bus.jpg", (96, 64))
+    for k, exe in ((8, "yolo"), (0, "pst-yolo")):
+        target = Path(shutil.copy(best, root / f"{exe}-export.pt"))
+        extra = ["topk=0"] if exe == "pst-yolo" else []
+        yolo("export", f"model={target}", "format=onnx", "imgsz=96", "dynamic=True", *extra, cwd=root, exe=exe)
+        path = target.with_suffix(".onnx")
+        assert_standard_graph(path, k)
+        diff = max_abs_diff(torch_output(reference_model(best, k), x), ort_output(path, x), "detect", 96)
+        print(f"\n[parity] ONNX dynamic detect, trained best.pt, {exe} export k={k} {tuple(x.shape)}: {diff:.2e}")
+        assert diff < 1e-4
 
 
 def test_ddp_entry_file_trains_in_fresh_interpreter(trained):

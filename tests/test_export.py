@@ -1,4 +1,5 @@
-"""Export of PST models: ONNX graphs and onnxruntime parity, the real CLI, TensorRT checks, TorchScript.
+"""Export of PST models: ONNX graphs and onnxruntime parity, TensorRT checks, TorchScript (through the real CLI:
+tests/test_end_to_end.py).
 
 Models are the shipped ``yolo11n-pst.yaml`` (detection) and ``yolo11n-cls-pst.yaml`` (classification) with every
 conv re-initialised and their BatchNorm statistics (fine K/V statistics included) calibrated on Ultralytics' two
@@ -9,10 +10,7 @@ process-wide top-k override the ``pst-yolo ... topk=K`` CLI uses; references are
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -23,6 +21,7 @@ import torch
 from export_helpers import (
     IMAGES,
     assert_same_boxes,
+    assert_standard_graph,
     calibrated_checkpoint,
     letterboxed,
     max_abs_diff,
@@ -48,8 +47,6 @@ ort = pytest.importorskip("onnxruntime")
 IMGSZ = 320
 CLS_IMGSZ = 224
 ATOL = 1e-4  # fp32; detection boxes are compared in units of the input size (pixels / max(H, W))
-RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
-BIN = Path(sys.executable).parent
 
 
 def assert_matches_torch(checkpoint: Path, k: int, x: torch.Tensor, exported: np.ndarray, task: str, label: str):
@@ -68,18 +65,6 @@ def assert_matches_torch(checkpoint: Path, k: int, x: torch.Tensor, exported: np
     )
     assert vs_fp32 < ATOL
     assert export_error <= 2 * torch_error + 1e-6, (export_error, torch_error)
-
-
-def assert_standard_graph(path: str | Path, k: int) -> None:
-    """Fine selection as TopK + GatherElements iff k > 0; no random ops, no custom domains, TensorRT-parsable."""
-    model = onnx.load(str(path))
-    ops = Counter(node.op_type for node in model.graph.node)
-    assert (ops["TopK"] > 0) == (k > 0), ops
-    assert (ops["GatherElements"] + ops["Gather"] > 0) if k else ops["GatherElements"] == 0, ops
-    assert not RANDOM_OPS & set(ops), ops
-    assert {node.domain for node in model.graph.node} <= {"", "ai.onnx"}
-    assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
-    assert check_tensorrt_compatible(path) == []
 
 
 @pytest.fixture(scope="module")
@@ -354,65 +339,6 @@ def test_dynamo_onnx_export(detect_pt, detect_images, workdir):
     assert_standard_graph(path, 8)
     for x in detect_images.values():
         assert_matches_torch(detect_pt, 8, x[:1], ort_output(path, x[:1]), "detect", "ONNX dynamo dynamic detect")
-
-
-def _tiny_dataset(root: Path) -> Path:
-    """The two bundled images with rough hand-made labels, as train and val of an 80-class dataset."""
-    labels = {
-        "bus.jpg": ["5 0.50 0.45 0.95 0.50", "0 0.21 0.66 0.22 0.54", "0 0.34 0.64 0.17 0.50", "0 0.92 0.66 0.15 0.52"],
-        "zidane.jpg": ["0 0.38 0.58 0.37 0.83", "0 0.79 0.53 0.37 0.93", "27 0.34 0.79 0.06 0.33"],
-    }
-    for name, rows in labels.items():
-        (root / "images").mkdir(parents=True, exist_ok=True)
-        (root / "labels").mkdir(parents=True, exist_ok=True)
-        shutil.copy(ASSETS / name, root / "images" / name)
-        (root / "labels" / name).with_suffix(".txt").write_text("\n".join(rows) + "\n")
-    names = "\n".join(f"  {i}: class{i}" for i in range(80))
-    data = root / "data.yaml"
-    data.write_text(f"path: {root}\ntrain: images\nval: images\nnames:\n{names}\n")
-    return data
-
-
-def _run(command: list[str], cwd: Path) -> str:
-    env = {**os.environ, "YOLO_OFFLINE": "true", "YOLO_AUTOINSTALL": "false", "YOLO_CONFIG_DIR": str(cwd / "cfg")}
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout + result.stderr
-
-
-@pytest.mark.slow
-def test_cli_train_then_export(tmp_path):
-    """Realistic path: ``yolo train`` 1 epoch -> best.pt -> stock ``yolo export`` and ``pst-yolo export topk=0``."""
-    data = _tiny_dataset(tmp_path / "data")
-    _run([str(BIN / "yolo"), "train", "model=yolo11n-pst.yaml", f"data={data}", "epochs=1", "imgsz=160", "batch=2",
-          "workers=0", "plots=False", f"project={tmp_path}", "name=run"], tmp_path)  # fmt: skip
-    best = tmp_path / "run" / "weights" / "best.pt"
-    for k, command in ((8, "yolo"), (0, "pst-yolo")):  # the YAML's k = 8 is kept by stock yolo
-        target = shutil.copy(best, tmp_path / f"{command}.pt")
-        extra = [f"topk={k}"] if command == "pst-yolo" else []
-        export = [str(BIN / command), "export", f"model={target}", "format=onnx", "imgsz=160", "dynamic=True"]
-        _run([*export, *extra], tmp_path)
-        path = Path(target).with_suffix(".onnx")
-        assert_standard_graph(path, k)
-        x = letterboxed("bus.jpg", (160, 128))
-        diff = max_abs_diff(torch_output(reference_model(best, k), x), ort_output(path, x), "detect", 160)
-        print(f"\n[parity] ONNX dynamic detect, 1-epoch best.pt, {command} export k={k} (1, 3, 160, 128): {diff:.2e}")
-        assert diff < ATOL
-
-
-@pytest.mark.slow
-def test_cli_predict_onnx_gives_pt_boxes(detect_pt, tmp_path):
-    """``yolo export`` then ``yolo predict model=X.onnx`` saves the same labels as ``yolo predict model=X.pt``."""
-    pt = Path(shutil.copy(detect_pt, tmp_path / "best.pt"))
-    _run([str(BIN / "yolo"), "export", f"model={pt}", "format=onnx", f"imgsz={IMGSZ}", "dynamic=True"], tmp_path)
-    labels = {}
-    for model in (pt, pt.with_suffix(".onnx")):
-        _run([str(BIN / "yolo"), "predict", f"model={model}", f"source={ASSETS / 'bus.jpg'}", f"imgsz={IMGSZ}",
-              "conf=0.6", "save=False", "save_txt=True", "save_conf=True", f"project={tmp_path}",
-              f"name={model.suffix[1:]}"], tmp_path)  # fmt: skip
-        labels[model.suffix] = np.loadtxt(tmp_path / model.suffix[1:] / "labels" / "bus.txt", ndmin=2)
-    assert labels[".pt"].shape == labels[".onnx"].shape and len(labels[".pt"]) > 0
-    np.testing.assert_allclose(labels[".pt"], labels[".onnx"], atol=1e-4)  # class, normalised xywh, conf
 
 
 def _tiny_graph(nodes, initializers, opset: int = 18, domain_opsets=()) -> Path:
