@@ -8,9 +8,10 @@ TensorFlow pins numpy < 2.2 and coremltools numpy <= 2.3.5, so these run in a se
 Without a format's packages its tests skip with the reason, unless the format is listed in PST_YOLO_REQUIRE_FORMATS:
 then they fail, so CI cannot pass a format by skipping it. Each format is exported through Ultralytics' own exporter
 (``YOLO(ckpt).export(format=...)``) from a BN-calibrated yolo11n-pst (tests/export_helpers.py) at k=0 and k=8; the
-LiteRT and SavedModel files run in their own runtimes against fp32 PyTorch and through Ultralytics' predictor. CoreML
-runs only on macOS: on Linux the test converts and reads the ML program. Every export cuts its attention into query
-blocks as a 640 px export does (:func:`export_helpers.query_blocks_as_at_640`).
+LiteRT and SavedModel files run in their own runtimes against fp32 PyTorch and through Ultralytics' predictor; LiteRT
+also as static INT8 (``quantize=8``, calibrated on the offline digits set). CoreML runs only on macOS: on Linux the
+test converts and reads the ML program. Every export cuts its attention into query blocks as a 640 px export does
+(:func:`export_helpers.query_blocks_as_at_640`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from export_helpers import (
     calibrated_checkpoint,
     letterboxed,
     max_abs_diff,
+    mean_abs_diff,
     query_blocks_as_at_640,
     reference_model,
     topk_override,
@@ -184,6 +186,59 @@ def test_predict_exported_gives_pt_boxes(format, k, exported, checkpoint, images
         np.testing.assert_array_equal(a.boxes.cls.numpy(), b.boxes.cls.numpy())
         np.testing.assert_allclose(a.boxes.xyxy.numpy(), b.boxes.xyxy.numpy(), atol=0.02)  # pixels
         np.testing.assert_allclose(a.boxes.conf.numpy(), b.boxes.conf.numpy(), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def digits(workdir) -> tuple[Path, list[torch.Tensor]]:
+    """The offline digits set's data.yaml (INT8 calibration data) and its 16 val images, each (1, 3, IMGSZ, IMGSZ).
+
+    INT8 calibrates on the images the BN statistics come from (tests/test_quantize.py says why)."""
+    from pst_yolo.tools.calibration import letterboxed_files
+    from pst_yolo.tools.datasets import build_digits_detection
+
+    data_yaml = build_digits_detection(workdir / "digits", train_images=1, val_images=16, imgsz=IMGSZ)
+    files = sorted((data_yaml.parent / "images" / "val").iterdir())
+    return data_yaml, [letterboxed_files([f], (IMGSZ, IMGSZ)) for f in files]
+
+
+def litert_ops(path: Path) -> Counter:
+    """Op names of the .tflite at ``path`` (``TOPK_V2``, ``QUANTIZE``, ...)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    return Counter(op["op_name"] for op in Interpreter(str(path))._get_ops_details())
+
+
+@pytest.mark.parametrize("format", formats("tflite"))
+def test_litert_int8_keeps_fine_attention(format, workdir, digits):
+    """LiteRT static INT8 (``quantize=8``) at k=0 and k=8 of a yolo11n-pst BN-calibrated on the digits: the k=8 graph
+    alone has TOPK_V2, both are quantized; the INT8 k=8 output differs from the INT8 k=0 one by at least half what
+    fp32 PyTorch's do and lies nearer fp32 k=8 than fp32 k=0 (mean |difference|, as tests/test_quantize.py measures
+    ONNX and OpenVINO INT8)."""
+    require(format)
+    data_yaml, images = digits
+    checkpoint = calibrated_checkpoint("yolo11n-pst.yaml", torch.cat(images), workdir / "digits-pst.pt")
+    inputs, outputs, ops = images[:4], {}, {}
+    for k in (0, 8):
+        folder = workdir / f"{format}-int8-k{k}"
+        folder.mkdir()
+        copy = shutil.copy(checkpoint, folder / "yolo11n-pst.pt")
+        with topk_override(k), contextlib.chdir(folder):
+            path = YOLO(str(copy)).export(format=format, imgsz=IMGSZ, quantize=8, data=str(data_yaml))
+        ops[k] = litert_ops(Path(path))
+        outputs[k] = [RUNTIMES[format](Path(path), x) for x in inputs]
+    assert ops[8]["TOPK_V2"] > 0 and ops[0]["TOPK_V2"] == 0, ops
+    assert ops[8]["QUANTIZE"] > 0 and ops[0]["QUANTIZE"] > 0, ops
+    fp32 = {k: [torch_output(reference_model(checkpoint, k), x) for x in inputs] for k in (0, 8)}
+
+    def distance(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+        return float(np.mean([mean_abs_diff(x, y, IMGSZ) for x, y in zip(a, b)]))
+
+    fine_effect, fp32_effect = distance(outputs[8], outputs[0]), distance(fp32[8], fp32[0])
+    to_k8, to_k0 = distance(outputs[8], fp32[8]), distance(outputs[8], fp32[0])
+    print(f"\n[int8] litert: |k8 - k0| {fine_effect:.2e} (fp32 {fp32_effect:.2e}); k8 to fp32 k8 {to_k8:.2e}, "
+          f"to fp32 k0 {to_k0:.2e}; k0 to fp32 k0 {distance(outputs[0], fp32[0]):.2e}")  # fmt: skip
+    assert fine_effect >= 0.5 * fp32_effect
+    assert to_k8 < to_k0
 
 
 def coreml_ops(path: Path) -> Counter:
