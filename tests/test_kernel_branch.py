@@ -85,9 +85,9 @@ def test_kernel_pass_gradients_match_fused():
         torch.testing.assert_close(kernel, fused, atol=1e-5, rtol=1e-5)
 
 
-def test_base2_pass_drops_a_nan_query_from_the_scores():
-    """The CPU pass in base 2 over several blocks (the last one shorter): a NaN query row keeps its NaN output and
-    adds nothing to the scores; every other row and score equals the float64 softmax."""
+def test_blocked_pass_drops_a_nan_query_from_the_scores():
+    """The blocked pass over several blocks (the last one shorter): a NaN query row keeps its NaN output and adds
+    nothing to the scores; every other row and score equals the float64 softmax."""
     q, k, v, *_ = random_inputs(1, 2, (13, 11), (7, 6))
     q[0, 1, 100] = float("nan")
     out, scores = blocked_attention_with_scores(q, k, v, 2 * 20 * k.shape[2])  # 7 blocks of 20 rows, then 3
