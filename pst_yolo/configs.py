@@ -43,6 +43,9 @@ STOCK_COUNTERPARTS = {
     "yolo26-seg-pst": "yolo26-seg",
     "yolo26-pose-pst": "yolo26-pose",
     "yolo26-obb-pst": "yolo26-obb",
+    "yolo26-sem-pst": "yolo26-sem",
+    "yolo26-depth-pst": "yolo26-depth",
+    "yolo26-p2-pst": "yolo26-p2",
 }
 
 

@@ -92,7 +92,7 @@ EXTENSION_MODELS = [
 
 
 def test_task_and_yolo26_configs_define_every_scale():
-    assert len(EXTENSION_MODELS) == 4 * len(EXTENSION_CONFIGS) == 40
+    assert len(EXTENSION_MODELS) == 4 * len(EXTENSION_CONFIGS) == 52
 
 
 def fast_tier_first(names) -> list:
@@ -104,9 +104,8 @@ def fast_tier_first(names) -> list:
 @pytest.mark.parametrize("name", fast_tier_first(EXTENSION_MODELS))
 def test_task_and_yolo26_configs_build_at_every_scale(name):
     model = YOLO(f"{name}.yaml")
-    task = next(
-        t for t, key in (("segment", "-seg"), ("pose", "-pose"), ("obb", "-obb"), ("detect", "")) if key in name
-    )
+    suffixes = (("segment", "-seg"), ("pose", "-pose"), ("obb", "-obb"), ("semantic", "-sem"), ("depth", "-depth"))
+    task = next((t for t, key in suffixes if key in name), "detect")
     assert model.task == task
     assert sum(isinstance(m, PST) for m in model.model.modules()) == 2
 

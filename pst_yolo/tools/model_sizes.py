@@ -32,10 +32,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from ultralytics.nn.tasks import (
     ClassificationModel,
+    DepthModel,
     DetectionModel,
     OBBModel,
     PoseModel,
     SegmentationModel,
+    SemanticSegmentationModel,
     guess_model_scale,
     guess_model_task,
     yaml_model_load,
@@ -101,6 +103,8 @@ TASK_MODELS = {
     "pose": PoseModel,
     "obb": OBBModel,
     "classify": ClassificationModel,
+    "semantic": SemanticSegmentationModel,
+    "depth": DepthModel,
 }
 # Configs beyond the paper (other tasks, YOLO26): listed only in the stock-counterpart table.
 EXTENSION_CONFIGS = frozenset(STOCK_COUNTERPARTS) - {"yolo11-pst", "yolo12-pst"}
@@ -164,7 +168,10 @@ STOCK_TABLE_NOTES = """
   (`yolo12*-pst`) too, with PST outputs not width-scaled (`PSTFixedWidth`, the paper's N size), so the layers that read
   the wider PST outputs (15, 17 and the head's P3 inputs) change shape and start untrained.
 - YOLO26-PST (`yolo26*-pst`, needs Ultralytics >= 8.4) is YOLO26 with its two top-down C3k2 blocks replaced by PST,
-  K/V from the map one level up (backbone P5 after C2PSA, backbone P4), end2end (NMS-free) head kept.
+  K/V from the map one level up (backbone P5 after C2PSA, backbone P4), end2end (NMS-free) head kept. The same two
+  rows serve semantic segmentation (`yolo26*-sem-pst`, SemanticSegment head on P3/P4) and depth (`yolo26*-depth-pst`).
+  The P2 variant (`yolo26*-p2-pst`) keeps its P2/4 top-down block a C3k2: a PST row there (25,600 queries over the
+  6,400 P3 tokens at 640) would make YOLO26n-P2-PST 2.4x slower at k=0 and 3.5x at k=8 on a CPU (docs/DESIGN.md).
 - YOLO26 sizes are fused models: fusing an end2end model drops its one-to-many training head, as Ultralytics does for
   inference, so they are below the parameter counts in Ultralytics' YAML comments.
 - Every config builds at all five scales n/s/m/l/x (tests/test_model_sizes.py); none of these rows is in the paper.
