@@ -44,7 +44,7 @@ def make_imagenet(root: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("name", [*TRAIN_VAL, "reproduce_tables.py"])
+@pytest.mark.parametrize("name", [*TRAIN_VAL, "reproduce_tables.py", "quantization.py"])
 def test_help(name, tmp_path):
     result = run_script(name, "--help", tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -66,6 +66,14 @@ def test_missing_dataset(name, args, expected, tmp_path):
     result = run_script(name, *(a.format(weights=weights) for a in args), tmp_path=tmp_path)
     assert result.returncode != 0
     assert expected in result.stderr and "nowhere" in result.stderr
+
+
+def test_quantization_without_demo_checkpoints_says_run_demo(tmp_path):
+    """scripts/quantization.py defaults to `pst-yolo demo`'s checkpoints; without them it names the missing file."""
+    result = run_script("quantization.py", tmp_path=tmp_path)
+    assert result.returncode != 0
+    assert "runs/pst-demo/runs/yolo11n-pst/weights/best.pt: no such file" in result.stderr
+    assert "run `pst-yolo demo` first" in result.stderr
 
 
 def test_coco_partial_layout_names_missing_files(tmp_path):
