@@ -1,8 +1,9 @@
 """Test session set-up: Ultralytics offline, with a private settings dir, before anything imports it; under
-pytest-xdist (``-n auto``), the CPU cores shared out among the workers."""
+pytest-xdist (``-n auto``), the CPU cores shared out among the workers and the longest test files first."""
 
 import os
 import tempfile
+from collections import Counter
 
 os.environ.setdefault("YOLO_OFFLINE", "true")
 os.environ.setdefault("YOLO_AUTOINSTALL", "false")
@@ -21,3 +22,10 @@ def pytest_configure(config):
     calibrated checkpoints, exports) are built once, not once per worker."""
     if getattr(config.option, "dist", "no") == "load":
         config.option.dist = "loadfile"
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Test files with the most ``slow`` tests first (a stable sort: each file's own order is kept). Under ``-n`` the
+    workers take files in this order, so they finish together instead of one running a long file alone at the end."""
+    slow_tests = Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow_tests[item.path])
