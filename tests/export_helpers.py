@@ -79,12 +79,26 @@ def ort_output(path: str | Path, x: torch.Tensor) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
 
 
+def openvino_output(path: str | Path, x: torch.Tensor) -> np.ndarray:
+    """First output of the OpenVINO model in folder ``path`` on x (B, 3, H, W), in fp32: on CPUs with native bf16
+    OpenVINO's default precision is bf16, which moves outputs by ~1e-2 (docs/EXPORT.md)."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(next(Path(path).glob("*.xml"))), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return compiled(x.numpy())[0]
+
+
 def mean_abs_diff(reference: np.ndarray, output: np.ndarray, size: int) -> float:
     """Mean |difference| of two detection outputs (B, 4 + nc, A), boxes (first 4 rows) in units of the input size:
     the measure of quantization error (a max over 10^4 values would track one outlier, not the quantizer)."""
     diff = np.abs(np.asarray(reference, np.float64) - np.asarray(output, np.float64))
     diff[:, :4] /= size
     return float(diff.mean())
+
+
+def mean_run_diff(reference: list[np.ndarray], output: list[np.ndarray], size: int) -> float:
+    """:func:`mean_abs_diff` averaged over two runs' outputs on the same images, image by image."""
+    return float(np.mean([mean_abs_diff(a, b, size) for a, b in zip(reference, output)]))
 
 
 def assert_same_boxes(ours, theirs, xyxy_atol: float, conf_atol: float) -> None:

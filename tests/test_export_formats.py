@@ -28,6 +28,7 @@ from export_helpers import (
     calibrated_checkpoint,
     letterboxed,
     max_abs_diff,
+    openvino_output,
     query_blocks_as_at_640,
     reference_model,
     topk_override,
@@ -72,14 +73,6 @@ def run_torchscript(path: Path, x: torch.Tensor) -> np.ndarray:
     return torch_output(torch.jit.load(str(path)), x)
 
 
-def run_openvino(path: Path, x: torch.Tensor) -> np.ndarray:
-    import openvino as ov
-
-    # fp32 explicitly: on CPUs with bf16 OpenVINO's default precision moves outputs by ~1e-2 (docs/EXPORT.md)
-    compiled = ov.Core().compile_model(str(next(path.glob("*.xml"))), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    return compiled(x.numpy())[0]
-
-
 def run_mnn(path: Path, x: torch.Tensor) -> np.ndarray:
     import MNN
 
@@ -113,7 +106,7 @@ def run_ncnn(path: Path, x: torch.Tensor) -> np.ndarray:
         return np.array(extractor.extract(min(net.output_names()))[1])[None]
 
 
-RUNTIMES = {"torchscript": run_torchscript, "openvino": run_openvino, "mnn": run_mnn, "paddle": run_paddle}
+RUNTIMES = {"torchscript": run_torchscript, "openvino": openvino_output, "mnn": run_mnn, "paddle": run_paddle}
 RUNTIMES["ncnn"] = run_ncnn
 
 

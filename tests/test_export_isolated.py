@@ -31,7 +31,7 @@ from export_helpers import (
     calibrated_checkpoint,
     letterboxed,
     max_abs_diff,
-    mean_abs_diff,
+    mean_run_diff,
     query_blocks_as_at_640,
     reference_model,
     topk_override,
@@ -231,7 +231,7 @@ def test_litert_int8_keeps_fine_attention(format, workdir, digits):
     fp32 = {k: [torch_output(reference_model(checkpoint, k), x) for x in inputs] for k in (0, 8)}
 
     def distance(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-        return float(np.mean([mean_abs_diff(x, y, IMGSZ) for x, y in zip(a, b)]))
+        return mean_run_diff(a, b, IMGSZ)
 
     fine_effect, fp32_effect = distance(outputs[8], outputs[0]), distance(fp32[8], fp32[0])
     to_k8, to_k0 = distance(outputs[8], fp32[8]), distance(outputs[8], fp32[0])

@@ -28,7 +28,8 @@ import pytest
 import torch
 from export_helpers import (
     calibrated_checkpoint,
-    mean_abs_diff,
+    mean_run_diff,
+    openvino_output,
     ort_output,
     reference_model,
     topk_override,
@@ -54,20 +55,6 @@ CASES = [("onnx", 8), ("openvino", 8), ("openvino", 16)]
 BIN = Path(sys.executable).parent
 
 
-def distance(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-    """Mean |difference| of two runs over the compared images (:func:`export_helpers.mean_abs_diff`)."""
-    return float(np.mean([mean_abs_diff(x, y, IMGSZ) for x, y in zip(a, b)]))
-
-
-def openvino_output(path: Path, x: torch.Tensor) -> np.ndarray:
-    """First output of the OpenVINO model in folder ``path`` on x (1, 3, H, W): unquantized parts in fp32 (on CPUs
-    with native bf16 OpenVINO's default precision is bf16, docs/EXPORT.md)."""
-    import openvino as ov
-
-    compiled = ov.Core().compile_model(str(next(path.glob("*.xml"))), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    return compiled(x.numpy())[0]
-
-
 def graph_ops(fmt: str, path: Path) -> Counter:
     """Op types of the exported graph: ONNX node types, or OpenVINO operation types."""
     if fmt == "onnx":
@@ -80,6 +67,12 @@ def graph_ops(fmt: str, path: Path) -> Counter:
 
 
 RUNTIMES = {"onnx": ort_output, "openvino": openvino_output}
+
+
+def run_diff(reference: list[np.ndarray], output: list[np.ndarray]) -> float:
+    return mean_run_diff(reference, output, IMGSZ)
+
+
 QUANTIZED_OPS = {"onnx": "QuantizeLinear", "openvino": "FakeQuantize"}  # what an INT8 graph holds and fp32 does not
 
 
@@ -168,7 +161,7 @@ def outputs(exported, images, checkpoints):
 
 def error_to_fp32(outputs, model: str, fmt: str, quantize: int, k: int | None) -> float:
     """Mean error of an export to fp32 PyTorch at the same k, over the compared images."""
-    return distance(outputs(model, "torch", None, k), outputs(model, fmt, quantize, k))
+    return run_diff(outputs(model, "torch", None, k), outputs(model, fmt, quantize, k))
 
 
 @pytest.mark.parametrize("k", [0, 8])
@@ -199,8 +192,8 @@ def test_fine_attention_acts_after_quantization(outputs, fmt, quantize):
     lies nearer fp32 k=8 than fp32 k=0."""
     k8, k0 = outputs("yolo11n-pst", fmt, quantize, 8), outputs("yolo11n-pst", fmt, quantize, 0)
     fp32_k8, fp32_k0 = outputs("yolo11n-pst", "torch", None, 8), outputs("yolo11n-pst", "torch", None, 0)
-    fine_effect, fp32_effect = distance(k8, k0), distance(fp32_k8, fp32_k0)
-    to_fp32_k8, to_fp32_k0 = distance(k8, fp32_k8), distance(k8, fp32_k0)
+    fine_effect, fp32_effect = run_diff(k8, k0), run_diff(fp32_k8, fp32_k0)
+    to_fp32_k8, to_fp32_k0 = run_diff(k8, fp32_k8), run_diff(k8, fp32_k0)
     print(f"\n[fine] {fmt} quantize={quantize}: |k8 - k0| {fine_effect:.2e} (fp32 {fp32_effect:.2e}); "
           f"k8 to fp32 k8 {to_fp32_k8:.2e}, to fp32 k0 {to_fp32_k0:.2e}")  # fmt: skip
     assert fine_effect >= FINE_KEPT * fp32_effect
