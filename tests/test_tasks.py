@@ -1,11 +1,13 @@
 """Every Ultralytics task with PST through the stock ``yolo`` command, on the offline digits data (slow).
 
-Per task (instance segmentation, pose, oriented boxes with YOLOv11-PST; detection with the NMS-free YOLO26-PST):
-train 1 epoch on a tiny set (YOLO26-PST from a stock YOLO26n checkpoint, ``pretrained=``), ``val`` with rect at a size
-that is not a multiple of the stride; then, on that checkpoint with BatchNorm statistics calibrated on the input (so
-detections exist and the fine attention visibly acts: k=8 vs k=0 asserted), ``predict`` with saved task labels and
-``export format=onnx`` with onnxruntime parity at k=8 (fp32, 1e-4). One trained and one calibrated checkpoint per task
-are shared by the steps (module-scoped fixtures).
+Per task (instance segmentation, pose, oriented boxes with YOLOv11-PST; detection with the NMS-free YOLO26-PST;
+semantic segmentation and depth with YOLO26-PST): train 1 epoch on a tiny set (YOLO26-PST detection from a stock
+YOLO26n checkpoint, ``pretrained=``), ``val`` with rect at a size that is not a multiple of the stride; then, on that
+checkpoint with BatchNorm statistics calibrated on the input (so detections exist and the fine attention visibly acts:
+k=8 vs k=0 asserted), ``predict`` with saved task labels (semantic and depth: saved maps) and ``export format=onnx``
+with onnxruntime parity at k=8 (fp32, 1e-4; semantic: the class map ONNX bakes, equal wherever PyTorch's two best
+classes are not tied). One trained and one calibrated checkpoint per task are shared by the steps (module-scoped
+fixtures).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from ultralytics import YOLO
 from ultralytics.data.augment import LetterBox
 
@@ -26,6 +29,7 @@ from pst_yolo import PST, set_topk
 from pst_yolo.configs import stock_counterpart
 from pst_yolo.tools.datasets import build_digits_detection
 from pst_yolo.tools.task_datasets import KEYPOINT_NAMES, build_digits_task
+from pst_yolo.tools.topk import run as topk_run
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "YOLO_OFFLINE": "true", "YOLO_AUTOINSTALL": "false", "YOLO_VERBOSE": "true"}
@@ -34,13 +38,16 @@ EXPORT_IMGSZ = 128  # P5 4x4 = 16 upper tokens > k = 8, so top-k selects
 ATOL = 1e-4
 pytestmark = pytest.mark.slow
 
-# task -> (model, columns of one `predict save_txt=True` row, or None for polygons of any length)
+# task -> (model, columns of one `predict save_txt=True` row, or None: polygons of any length / maps, no text)
 CASES = {
     "segment": ("yolo11n-seg-pst.yaml", None),
     "pose": ("yolo11n-pose-pst.yaml", 1 + 4 + 3 * len(KEYPOINT_NAMES)),
     "obb": ("yolo11n-obb-pst.yaml", 1 + 8),
     "detect": ("yolo26n-pst.yaml", 1 + 4),
+    "semantic": ("yolo26n-sem-pst.yaml", None),
+    "depth": ("yolo26n-depth-pst.yaml", None),
 }
+DENSE = {"semantic", "depth"}  # per-pixel heads: predict saves maps, not text rows
 END2END = "nms=False"  # Ultralytics 8.4: val/predict/export through YOLO26's NMS-free one-to-one head
 
 
@@ -91,7 +98,8 @@ def test_val_rect_at_odd_size(trained):
     task, root, data, best = trained
     args = [f"data={data}", "imgsz=100", "rect=True", "batch=2", "workers=0", *([END2END] if task == "detect" else [])]
     out = yolo("val", f"model={best}", *args, cwd=root)
-    assert "all" in out
+    assert {"semantic": "mIoU", "depth": "delta1"}.get(task, "mAP50") in out  # the task's own metric
+    assert "all" in out or task == "depth"  # depth prints one row named after the split
 
 
 def calibrate_batchnorm(model: torch.nn.Module, images: torch.Tensor) -> None:
@@ -111,7 +119,7 @@ def calibrate_batchnorm(model: torch.nn.Module, images: torch.Tensor) -> None:
     for m in norms:
         m.momentum = 0.03
     head = model.model[-1]
-    for branch in [*head.cv3, *(getattr(head, "one2one_cv3", None) or [])]:
+    for branch in [*getattr(head, "cv3", []), *(getattr(head, "one2one_cv3", None) or [])]:
         torch.nn.init.zeros_(branch[-1].bias)
     model.eval()
 
@@ -144,9 +152,18 @@ def calibrated(trained):
 
 
 def test_predict_writes_task_labels(calibrated):
-    """``yolo predict save_txt=True`` writes rows in the task's format (calibrated weights: scores around 0.5)."""
+    """``yolo predict save_txt=True`` writes rows in the task's format (calibrated weights: scores around 0.5).
+
+    Semantic and depth predictions are maps, which Ultralytics saves as images (``save=True``): one per source image.
+    """
     task, root, data, checkpoint, _ = calibrated
     source = Path(data).parent / "images" / "val"
+    if task in DENSE:
+        yolo("predict", f"model={checkpoint}", f"source={source}", f"imgsz={IMGSZ}", "save=True",
+             f"project={root / 'runs'}", "name=p", cwd=root)
+        saved = sorted(f.stem for f in (root / "runs" / "p").iterdir() if f.suffix in {".jpg", ".png"})
+        assert saved == sorted(f.stem for f in source.iterdir()), saved
+        return
     args = [
         f"source={source}",
         f"imgsz={IMGSZ}",
@@ -182,15 +199,37 @@ def test_export_onnx_matches_torch_with_fine_attention(calibrated):
     yolo("export", f"model={checkpoint}", *args, cwd=root, exe="pst-yolo")
     session = ort.InferenceSession(str(checkpoint.with_suffix(".onnx")), providers=["CPUExecutionProvider"])
     exported = session.run(None, {session.get_inputs()[0].name: x[:1].numpy()})
+    logits = fine[0]
+    if task in DENSE:  # the head's export output (upsampled depth; semantic: the baked class map), as ONNX has it
+        head = reference.model[-1]
+        head.export, head.format = True, "onnx"
+        fine = outputs(reference, x[:1])
     assert len(exported) == len(fine)
     for ours, theirs in zip(fine, exported):
         assert ours.shape == theirs.shape
         if task == "detect":
             assert_same_detections(ours[0], theirs[0])
             continue
+        if task == "semantic":
+            assert_same_class_map(ours, theirs, logits)
+            continue
         error = float((np.abs(ours - theirs) / np.maximum(np.abs(ours), 1.0)).max())  # relative above 1 (pixels)
         print(f"\n[parity] {task} k=8 {ours.shape}: max error {error:.1e} (k=8 vs k=0: {moved:.1e})")
         np.testing.assert_allclose(theirs, ours, rtol=ATOL, atol=ATOL)
+
+
+def assert_same_class_map(ours: np.ndarray, theirs: np.ndarray, logits: np.ndarray) -> None:
+    """Baked semantic maps (1, H, W) agree wherever PyTorch's two best classes are more than ``ATOL`` apart.
+
+    ``logits`` (1, nc, H/8, W/8) are PyTorch's; upsampled as the head does, they tell which pixels are near-ties, where
+    fp32 rounding may pick either class.
+    """
+    upsampled = F.interpolate(torch.from_numpy(logits), scale_factor=8, mode="bilinear", align_corners=False)
+    top2 = upsampled.topk(2, dim=1).values[0].numpy()  # (2, H, W)
+    differ = ours[0] != theirs[0]
+    assert len(np.unique(ours)) > 1, "the class map is constant: nothing to compare"
+    print(f"\n[parity] semantic k=8 {ours.shape}: {int(differ.sum())} of {differ.size} pixels differ")
+    assert (top2[0] - top2[1])[differ].max(initial=0.0) < ATOL
 
 
 def assert_same_detections(ours: np.ndarray, theirs: np.ndarray) -> None:
@@ -207,3 +246,16 @@ def assert_same_detections(ours: np.ndarray, theirs: np.ndarray) -> None:
     errors = [(np.abs(theirs - row) / np.maximum(np.abs(row), 1.0)).max(1).min() for row in clear]
     print(f"\n[parity] detect (end2end) k=8: {len(clear)} rows, max error {max(errors):.1e}")
     assert max(errors) < ATOL
+
+
+def test_topk_weighs_dense_tasks_with_their_own_metric(calibrated, tmp_path):
+    """``pst-yolo topk`` on semantic (mIoU) and depth (delta1): intervals from per-image sums whose total is the
+    validator's own fitness at every k (``choose`` checks it), not the highest-fitness fallback."""
+    task, _, data, checkpoint, _ = calibrated
+    if task not in DENSE:
+        pytest.skip("the detection family and classification: tests/test_topk.py")
+    val_kwargs = {"data": str(data), "imgsz": EXPORT_IMGSZ, "batch": 3, "device": "cpu", "workers": 0}
+    summary = topk_run(checkpoint, [0, 8], False, tmp_path, "topk", val_kwargs, bootstrap=200, latency_rounds=2)
+    decision = summary["decision"]
+    assert decision["images"] == 4 and decision["metric"] == {"semantic": "mIoU", "depth": "delta1"}[task]
+    assert all(len(r["intervals"]["fitness"]) == 2 for r in summary["rows"]), summary["rows"]

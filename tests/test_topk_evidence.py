@@ -13,10 +13,11 @@ import pytest
 import torch
 from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils import LOGGER
-from ultralytics.utils.metrics import ClassifyMetrics, DetMetrics, SegmentMetrics, SemanticMetrics
+from ultralytics.utils.metrics import ClassifyMetrics, DepthMetrics, DetMetrics, SegmentMetrics, SemanticMetrics
 
 from pst_yolo.nn import PSAttn
 from pst_yolo.tools import topk
+from pst_yolo.tools import topk_evidence as evidence_module
 from pst_yolo.tools.bench.timing import round_robin_samples
 from pst_yolo.tools.topk_evidence import PerImageRecorder, PerImageStats, paired_bootstrap, weigh
 from pst_yolo.tools.topk_latency import Latency, format_vs_cheapest, measure_latency, summarize
@@ -177,18 +178,78 @@ def test_recorder_copies_each_batch_of_each_run():
 
 
 def test_a_validator_without_per_image_statistics_falls_back_with_a_warning(monkeypatch):
+    class TrackMetrics:  # a metrics class the recorder does not know
+        pass
+
     warnings = []
     monkeypatch.setattr(LOGGER, "warning", warnings.append)
     recorder = PerImageRecorder()
-    validator = SimpleNamespace(metrics=SemanticMetrics())
+    validator = SimpleNamespace(metrics=TrackMetrics())
     for _ in range(2):
         recorder.on_val_start(validator)
         recorder.on_val_batch_end(validator)
-    assert recorder.runs == [None, None] and "SemanticMetrics" in recorder.unsupported
+    assert recorder.runs == [None, None] and "TrackMetrics" in recorder.unsupported
     rows = [{"k": 0, "fitness": 0.3}, {"k": 8, "fitness": 0.31}]
-    chosen, evidence, text = topk.choose(rows, recorder, "semantic")
+    chosen, evidence, text = topk.choose(rows, recorder, "track")
     assert (chosen, evidence) == (8, None)
-    assert warnings == [text] and "semantic validator" in text and "keeps no per-image statistics" in text
+    assert warnings == [text] and "track validator" in text and "keeps no per-image statistics" in text
+
+
+class SumsValidator:
+    """The part of Ultralytics' semantic/depth validators the recorder touches: ``init_metrics`` builds the metrics
+    object after ``on_val_start`` (the depth validator holds a ``DetMetrics`` until then), and ``update_metrics``
+    passes each batch to its ``update_stats``."""
+
+    def __init__(self, new_metrics, first=None):
+        self.new_metrics, self.metrics = new_metrics, first or new_metrics()
+
+    def init_metrics(self):
+        self.metrics = self.new_metrics()
+
+    def update_metrics(self, preds, batch):
+        self.metrics.update_stats(preds, batch)
+
+
+SUMS_CASES = {  # metrics class, (B, ...) predictions and targets of 6 images
+    "semantic": (
+        functools.partial(SemanticMetrics, names={0: "a", 1: "b", 2: "c"}),
+        lambda g: (torch.randint(0, 3, (6, 8, 8), generator=g), torch.randint(0, 3, (6, 8, 8), generator=g)),
+    ),
+    "depth": (
+        DepthMetrics,
+        lambda g: (torch.rand((6, 1, 8, 8), generator=g) + 1, torch.rand((6, 1, 8, 8), generator=g) + 1),
+    ),
+}
+
+
+@pytest.mark.parametrize("task", SUMS_CASES)
+def test_summed_metrics_are_recorded_per_image(task):
+    """Semantic and depth metrics keep sums: the recorder has them add one image at a time, and any set of images
+    scores as Ultralytics' metrics class does when fed those images."""
+    new_metrics, make = SUMS_CASES[task]
+    preds, targets = make(torch.Generator().manual_seed(0))
+    if task == "semantic":
+        targets[0, :2] = 255  # ignored pixels
+    recorder = PerImageRecorder()
+    validator = SumsValidator(new_metrics, DetMetrics(names={0: "depth"}) if task == "depth" else None)
+    recorder.on_val_start(validator)
+    validator.init_metrics()
+    for batch in (slice(0, 4), slice(4, 6)):
+        validator.update_metrics(preds[batch], targets[batch])
+        recorder.on_val_batch_end(validator)
+    run = recorder.runs[0]
+    assert len(run) == 6 and recorder.unsupported is None
+    assert "update_stats" not in vars(validator.metrics)  # the class's own method again
+    validator.metrics.process()
+    assert run.score(range(6)) == pytest.approx(evidence_module.headline_metrics(validator.metrics), abs=1e-12)
+
+    picked = [5, 0, 0, 3]  # a resample: repeats allowed
+    reference = new_metrics()
+    for i in picked:
+        reference.update_stats(preds[i : i + 1], targets[i : i + 1])
+    reference.process()
+    assert run.score(picked) == pytest.approx(evidence_module.headline_metrics(reference), abs=1e-12)
+    assert run.score(picked) != run.score(range(6))
 
 
 def test_choose_adds_intervals_and_checks_the_validator_fitness():

@@ -152,31 +152,45 @@ def yolo_label_rows(boxes: list[tuple[int, np.ndarray]], size: int) -> list[str]
 
 
 def write_split(
-    root: Path, split: str, count: int, compose_labelled: Callable[[], tuple[np.ndarray, list[str]]]
+    root: Path,
+    split: str,
+    count: int,
+    compose_labelled: Callable[[], tuple[np.ndarray, list[str] | np.ndarray]],
+    label_folder: str = "labels",
 ) -> None:
-    """Write ``count`` images from ``compose_labelled() -> (image, label rows)`` under ``root/{images,labels}/split``.
+    """Write ``count`` images from ``compose_labelled() -> (image, label)`` under ``root/images/split``.
+
+    A label given as rows of text goes to ``root/label_folder/split/*.txt``; one given as an (H, W) array (a class
+    mask or an encoded depth map, uint8 or uint16) goes to ``root/label_folder/split/*.png``, as Ultralytics'
+    semantic and depth loaders read them.
     """
     import cv2
 
-    image_dir, label_dir = root / "images" / split, root / "labels" / split
+    image_dir, label_dir = root / "images" / split, root / label_folder / split
     image_dir.mkdir(parents=True, exist_ok=True)
     label_dir.mkdir(parents=True, exist_ok=True)
     for n in range(count):
-        image, rows = compose_labelled()
+        image, label = compose_labelled()
         cv2.imwrite(str(image_dir / f"{split}_{n:05d}.png"), image)
-        (label_dir / f"{split}_{n:05d}.txt").write_text("\n".join(rows) + "\n")
+        if isinstance(label, np.ndarray):
+            cv2.imwrite(str(label_dir / f"{split}_{n:05d}.png"), label)
+        else:
+            (label_dir / f"{split}_{n:05d}.txt").write_text("\n".join(label) + "\n")
 
 
-def write_train_val(root: Path, train_images: int, val_images: int, seed: int, compose_labelled: Callable) -> None:
+def write_train_val(
+    root: Path, train_images: int, val_images: int, seed: int, compose_labelled: Callable, label_folder: str = "labels"
+) -> None:
     """Write the train and val splits from disjoint digit scans (deterministic for ``seed``).
 
-    ``compose_labelled(rng, alphas, classes) -> (image, label rows)`` draws one image from the split's scans.
+    ``compose_labelled(rng, alphas, classes) -> (image, label)`` draws one image from the split's scans; labels go to
+    ``root/label_folder`` (see ``write_split``).
     """
     alphas, classes = load_digit_scans()
     train_idx, val_idx = split_scans(len(alphas), seed)
     rng = np.random.default_rng(seed)
     for split, count, idx in (("train", train_images, train_idx), ("val", val_images, val_idx)):
-        write_split(root, split, count, partial(compose_labelled, rng, alphas[idx], classes[idx]))
+        write_split(root, split, count, partial(compose_labelled, rng, alphas[idx], classes[idx]), label_folder)
 
 
 def write_yaml(path: Path, content: dict, header: str = "") -> Path:

@@ -13,6 +13,13 @@ from the ink of the digit it describes, in the formats Ultralytics reads:
 - ``obb``: each digit rotated by a random angle in +-``MAX_ANGLE`` degrees before it is pasted; the oriented box is
   the digit's upright tight ink box turned by that angle (``cls x1 y1 ... x4 y4``, normalised). Angles stay within
   +-60 degrees so that a 6 never reads as a 9.
+- ``semantic``: a PNG class map per image (``masks/{train,val}``, ``masks_dir: masks``): the digit's class on its ink
+  (alpha > ``SURE_INK``), ``background`` (class 10) off it, and Ultralytics' ignore label 255 on the blended edge
+  between (``INK_THRESHOLD`` < alpha <= ``SURE_INK``), where neither class is right.
+- ``depth``: a scene in metres, written as a 16-bit PNG per image (``depth/{train,val}``, ``depth_scale: 1000``): a
+  ground plane receding from 2 m (bottom row) to 5 m (top row), and each digit a cut-out standing at its own depth,
+  inversely proportional to its size (``DIGIT_DEPTH_AT_FULL_SIZE``); haze darkens every pixel with its depth, so depth
+  can be read from size, position and brightness.
 
 Examples:
     >>> import tempfile
@@ -23,6 +30,7 @@ Examples:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +46,17 @@ from .datasets import (
     write_yaml,
 )
 
-TASKS = ("segment", "pose", "obb")
+TASKS = ("segment", "pose", "obb", "semantic", "depth")
 MAX_ANGLE = 60.0  # degrees; larger turns would make 6 and 9 the same shape
 KEYPOINT_NAMES = ["top", "right", "bottom", "left", "centroid"]
 FLIP_IDX = [0, 3, 2, 1, 4]  # a horizontal flip swaps the right and left extreme points
+BACKGROUND_CLASS = 10  # semantic class of every pixel off the digits
+IGNORE_LABEL = 255  # Ultralytics' semantic ignore label
+SURE_INK = 0.6  # alpha above which a pixel is the digit's for semantic masks and depth
+DEPTH_SCALE = 1000  # depth PNG value per metre (Ultralytics' default depth_scale)
+PLANE_DEPTH = (5.0, 2.0)  # metres at the top and the bottom row of the ground plane
+DIGIT_DEPTH_AT_FULL_SIZE = 0.3  # metres: a digit as tall as the image; depth = 0.3 * image side / digit side
+HAZE_DISTANCE = 8.0  # metres over which haze dims light to 1/e
 
 
 @dataclass
@@ -193,6 +208,41 @@ def label_row(digit: PlacedDigit, task: str, size: int) -> str:
     return " ".join([str(digit.cls), *(f"{v:.6f}" for v in np.clip(points / size, 0.0, 1.0).ravel())])
 
 
+def semantic_mask(digits: list[PlacedDigit], size: int) -> np.ndarray:
+    """(size, size) uint8 class map: digit class on sure ink, ``IGNORE_LABEL`` on its blended edge, else background."""
+    mask = np.full((size, size), BACKGROUND_CLASS, np.uint8)
+    for digit in digits:
+        s = digit.alpha.shape[0]
+        region = mask[digit.y : digit.y + s, digit.x : digit.x + s]
+        region[digit.alpha > INK_THRESHOLD] = IGNORE_LABEL
+        region[digit.alpha > SURE_INK] = digit.cls
+    return mask
+
+
+def depth_map(digits: list[PlacedDigit], size: int) -> np.ndarray:
+    """(size, size) float32 depth in metres: the ground plane, and each digit's sure ink at its own depth."""
+    depth = np.repeat(np.linspace(*PLANE_DEPTH, size, dtype=np.float32)[:, None], size, axis=1)
+    for digit in digits:
+        s = digit.alpha.shape[0]
+        region = depth[digit.y : digit.y + s, digit.x : digit.x + s]
+        region[digit.alpha > SURE_INK] = DIGIT_DEPTH_AT_FULL_SIZE * size / s
+    return depth
+
+
+def compose_labelled_image(
+    rng: np.random.Generator, alphas: np.ndarray, classes: np.ndarray, task: str, size: int, layout: DigitLayout
+) -> tuple[np.ndarray, list[str] | np.ndarray]:
+    """One image of ``task`` and its label: text rows (segment, pose, obb), a class map or a uint16 depth PNG map."""
+    image, digits = compose_task_image(rng, alphas, classes, size, layout, rotate=task == "obb")
+    if task == "semantic":
+        return image, semantic_mask(digits, size)
+    if task == "depth":
+        depth = depth_map(digits, size)
+        hazy = image * np.exp(-depth / HAZE_DISTANCE)[..., None]
+        return hazy.round().astype(np.uint8), np.round(depth * DEPTH_SCALE).astype(np.uint16)
+    return image, [label_row(d, task, size) for d in digits]
+
+
 def build_digits_task(
     root: str | Path,
     task: str,
@@ -202,11 +252,11 @@ def build_digits_task(
     seed: int = 0,
     layout: DigitLayout | None = None,
 ) -> Path:
-    """Build the handwritten-digits set for ``task`` (segment, pose or obb) under ``root``; deterministic per seed.
+    """Build the handwritten-digits set for ``task`` under ``root``; deterministic per seed.
 
     Args:
         root: Output folder (created; existing files of the same names are overwritten).
-        task: ``segment``, ``pose`` or ``obb``.
+        task: ``segment``, ``pose``, ``obb``, ``semantic`` or ``depth``.
         train_images: Number of training images.
         val_images: Number of validation images.
         imgsz: Side of the square images in pixels.
@@ -214,18 +264,16 @@ def build_digits_task(
         layout: Digits per image and their size range (fractions of ``imgsz``); None: ``DigitLayout()``.
 
     Returns:
-        Path of the written ``data.yaml`` (absolute ``path``; pose sets add ``kpt_shape``, ``flip_idx``, ``kpt_names``).
+        Path of the written ``data.yaml`` (absolute ``path``; pose sets add ``kpt_shape``, ``flip_idx``, ``kpt_names``;
+        semantic sets ``masks_dir`` and the class ``background``; depth sets ``depth_scale``).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got '{task}'")
     layout = layout or DigitLayout()
-
-    def compose_labelled(rng, alphas, classes):
-        image, digits = compose_task_image(rng, alphas, classes, imgsz, layout, rotate=task == "obb")
-        return image, [label_row(d, task, imgsz) for d in digits]
-
     root = Path(root)
-    write_train_val(root, train_images, val_images, seed, compose_labelled)
+    label_folder = {"semantic": "masks", "depth": "depth"}.get(task, "labels")
+    compose = partial(compose_labelled_image, task=task, size=imgsz, layout=layout)
+    write_train_val(root, train_images, val_images, seed, compose, label_folder)
     content = {"path": str(root.resolve()), "train": "images/train", "val": "images/val", "names": DIGIT_NAMES}
     if task == "pose":
         content |= {
@@ -233,5 +281,9 @@ def build_digits_task(
             "flip_idx": FLIP_IDX,
             "kpt_names": {c: list(KEYPOINT_NAMES) for c in DIGIT_NAMES},
         }
+    elif task == "semantic":
+        content |= {"masks_dir": label_folder, "names": {**DIGIT_NAMES, BACKGROUND_CLASS: "background"}}
+    elif task == "depth":
+        content |= {"nc": 1, "names": {0: "depth"}, "depth_scale": DEPTH_SCALE}
     header = f"# pst-yolo: handwritten digits (scikit-learn) on textures, {task} labels from the digits' ink\n"
     return write_yaml(root / "data.yaml", content, header)

@@ -129,7 +129,7 @@ def choose(
     LOGGER.info(f"pst-yolo topk: paired bootstrap, {resamples} resamples of {images} images x {len(rows)} k")
     evidence = weigh(runs, metric_label(task), resamples, seed)
     for r in rows:
-        if abs(evidence.point[r["k"]]["fitness"] - r["fitness"]) > 1e-9:
+        if abs(evidence.point[r["k"]]["fitness"] - r["fitness"]) > 1e-6:  # float32 pixel counts round above 2**24
             raise RuntimeError(f"pst-yolo topk: k={r['k']}: the per-image statistics score fitness "
                                f"{evidence.point[r['k']]['fitness']}, the validator {r['fitness']}.")  # fmt: skip
         r.update(evidence.row_fields(r["k"]))

@@ -4,15 +4,16 @@ validation images, and the rule that keeps the cheapest k unless a larger one is
 Every k is validated on the same images in the same order, so a resample of image indices applies to all k at once
 (paired): the differences between k then carry only the noise of which images were drawn, not of which k saw which.
 Each resample is scored by the task's own Ultralytics metrics class (``DetMetrics.process``,
-``ClassifyMetrics.process``, ...), so the metric is exactly the validator's fitness.
+``ClassifyMetrics.process``, ``SemanticMetrics.process``, ...), so the metric is exactly the validator's fitness.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -20,7 +21,10 @@ import numpy as np
 DETECTION_METRIC = "metrics/mAP50-95("  # results_dict keys of detection-family metrics: box (B), mask (M), pose (P)
 CONFIDENCE = 0.95
 Z_95 = 1.96  # two-sided normal quantile of CONFIDENCE, for the images-needed estimate
-DECISION_METRIC = {"detect": "mAP50-95", "obb": "mAP50-95"}  # tasks whose fitness is one headline metric
+DECISION_METRIC = {"detect": "mAP50-95", "obb": "mAP50-95", "semantic": "mIoU", "depth": "delta1"}  # fitness is it
+# Metrics classes whose statistics are sums over images, and the attributes that hold the sums: semantic segmentation
+# (confusion matrix, images per class) and depth (sums of each image's delta1 ... silog, images counted).
+ADDITIVE_STATE = {"SemanticMetrics": ("matrix", "nt_per_image"), "DepthMetrics": ("_totals", "_count")}
 VERDICTS = ("behind beyond noise", "within noise", "ahead beyond noise")
 
 
@@ -94,14 +98,59 @@ class PerImageStats:
         return headline_metrics(metrics)
 
 
+def state_value(value: Any) -> Any:
+    """A copy of one summed statistic (``None``, nothing summed yet: 0), in the metrics class's own dtype."""
+    if value is None:
+        return 0.0
+    if hasattr(value, "detach"):
+        return value.detach().clone()
+    return copy.copy(value)
+
+
+@dataclass
+class PerImageSums:
+    """One validation run of a metrics class whose statistics are sums over images (:data:`ADDITIVE_STATE`).
+
+    Attributes:
+        empty: The validator's metrics object before its first image (its class and settings: names, depth range).
+        shares: One dict per image: what that image added to each summed attribute (tensor, array or float).
+    """
+
+    empty: Any = None
+    shares: list[dict[str, Any]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.shares)
+
+    def score(self, images: Sequence[int]) -> dict[str, float]:
+        """Headline metrics and fitness of the images ``images`` (indices, repeats allowed): the metrics class
+        processes the sums of their shares."""
+        metrics = copy.deepcopy(self.empty)
+        for name in ADDITIVE_STATE[type(metrics).__name__]:
+            setattr(metrics, name, sum((self.shares[i][name] for i in images), start=0.0))
+        metrics.process()
+        return headline_metrics(metrics)
+
+    def add(self, metrics, update_stats: Callable, predictions, targets) -> None:
+        """Feed ``update_stats`` (the bound method of ``metrics``) one image of the batch at a time, keeping each
+        image's share of the sums."""
+        names = ADDITIVE_STATE[type(metrics).__name__]
+        if self.empty is None:
+            self.empty = copy.deepcopy(metrics)
+        for prediction, target in zip(predictions.split(1), targets.split(1)):
+            before = {name: state_value(getattr(metrics, name)) for name in names}
+            update_stats(prediction, target)
+            self.shares.append({name: state_value(getattr(metrics, name)) - before[name] for name in names})
+
+
 class PerImageRecorder:
     """Validator callbacks that record each validation run's per-image statistics, in the order of the runs.
 
     ``on_val_start`` opens a run, ``on_val_batch_end`` copies what the validator's ``update_metrics`` kept for the
     batch: the new entries of ``metrics.stats`` (detection family; they are cleared by ``get_stats`` after the last
-    batch) or the batch's ``pred``/``targets`` tensors split into one row per image (classification). A validator that
-    keeps neither (e.g. Ultralytics' semantic and depth validators) leaves its run as ``None`` and is named in
-    ``unsupported``.
+    batch) or the batch's ``pred``/``targets`` tensors split into one row per image (classification). Semantic and
+    depth validators keep only sums: :meth:`summed_per_image` has them add one image at a time. A validator whose
+    metrics are none of these leaves its run as ``None`` and is named in ``unsupported``.
     """
 
     def __init__(self):
@@ -119,13 +168,40 @@ class PerImageRecorder:
             self.runs.append(PerImageStats(new, {name: [] for name in metrics.stats}))
         elif isinstance(metrics, ClassifyMetrics):
             self.runs.append(PerImageStats(ClassifyMetrics, {"pred": [], "targets": []}))
+        elif type(metrics).__name__ in ADDITIVE_STATE:
+            self.runs.append(PerImageSums())
         else:
             self.runs.append(None)
             self.unsupported = f"{type(validator).__name__} ({type(metrics).__name__})"
+        if hasattr(validator, "update_metrics"):
+            validator.update_metrics = self.summed_per_image(validator, validator.update_metrics)
+
+    def summed_per_image(self, validator, update_metrics: Callable) -> Callable:
+        """``update_metrics`` that, where the validator's metrics keep sums (:data:`ADDITIVE_STATE`), has them add one
+        image at a time into this run's :class:`PerImageSums`; other metrics pass through.
+
+        The metrics object is looked up at each call: validators build it in ``init_metrics``, after ``on_val_start``
+        (Ultralytics' depth validator holds a ``DetMetrics`` until then, so its run is typed again here).
+        """
+
+        def update(preds, batch):
+            metrics = validator.metrics
+            if type(metrics).__name__ not in ADDITIVE_STATE:
+                return update_metrics(preds, batch)
+            if not isinstance(self.runs[-1], PerImageSums):
+                self.runs[-1] = PerImageSums()
+            update_stats = metrics.update_stats
+            metrics.update_stats = functools.partial(self.runs[-1].add, metrics, update_stats)
+            try:
+                return update_metrics(preds, batch)
+            finally:
+                del metrics.update_stats  # the class's own method again
+
+        return update
 
     def on_val_batch_end(self, validator) -> None:
         run = self.runs[-1] if self.runs else None
-        if run is None:
+        if not isinstance(run, PerImageStats):
             return
         if "targets" in run.columns:  # classification: this batch's (B, 5) top-5 indices and (B,) targets
             run.columns["pred"] += list(validator.pred[-1].split(1))
