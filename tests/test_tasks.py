@@ -182,8 +182,26 @@ def test_predict_writes_task_labels(calibrated):
 
 
 def test_export_onnx_matches_torch_with_fine_attention(calibrated):
-    ort = pytest.importorskip("onnxruntime")
     task, root, _, checkpoint, x = calibrated
+    assert_onnx_export_matches_torch(task, root, checkpoint, x)
+
+
+def test_p2_export_onnx_matches_torch_with_fine_attention(tmp_path):
+    """YOLO26-P2-PST (a P2/4 detection head; PST rows as YOLO26-PST's), BatchNorm calibrated on the input: its end2end
+    ONNX export at k=8 holds PyTorch's detections."""
+    data = build_digits_detection(tmp_path / "data", train_images=1, val_images=2, imgsz=IMGSZ, seed=1)
+    x = letterboxed_val_images(data, EXPORT_IMGSZ)
+    model = YOLO("yolo26n-p2-pst.yaml")
+    calibrate_batchnorm(model.model, x)
+    checkpoint = tmp_path / "yolo26n-p2-pst.pt"
+    model.save(str(checkpoint))
+    assert_onnx_export_matches_torch("detect", tmp_path, checkpoint, x)
+
+
+def assert_onnx_export_matches_torch(task: str, root: Path, checkpoint: Path, x: torch.Tensor) -> None:
+    """``pst-yolo export format=onnx topk=8`` of ``checkpoint`` equals PyTorch on ``x[:1]``, whose k=8 output moves
+    visibly against k=0 (YOLO26 detection: through the NMS-free head, ``nms=False``)."""
+    ort = pytest.importorskip("onnxruntime")
     reference = YOLO(str(checkpoint)).model.float()
     if task == "detect":  # YOLO26: the one-to-one head's (1, max_det, 6) output, as `nms=False` exports it;
         reference.end2end = True  # set before fuse(), which drops the head not selected
