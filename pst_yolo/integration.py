@@ -33,7 +33,7 @@ from .validation import check_int, check_type
 
 PLUGIN_MODULES = {"PST": PST, "PSTFixedWidth": PST}  # PSTFixedWidth: c2 taken as is, never width-scaled
 SAFE_GLOBALS = (PST, PSAttnBlock, PSAttn)
-PROBE_SIZE = 256  # dry-run input size (pixels) used to read channels and map sizes
+PROBE_SIZE = 128  # dry-run input size (pixels) used to read channels and map sizes (P6/64: 2x2)
 
 
 class PluginBuildError(ValueError):
@@ -127,11 +127,12 @@ def _stand_in_dict(d: dict, rows: list[int]) -> dict:
 
 
 def _layer_output_shapes(layers: nn.Sequential, ch: int, pst_inputs: dict[int, list[int]]) -> list[torch.Size]:
-    """Run a no-grad dry forward of a parsed Sequential (routing by each layer's ``f``); return each output shape.
+    """Run a no-grad dry forward of a parsed Sequential (routing by each layer's ``f``) up to the last PST row, which
+    needs no more; return the output shape of each layer before it.
 
     The pyramid of each PST row (``pst_inputs``: layer index -> [fine, upper]) is checked as soon as its inputs
     exist, so that a wrong row is reported as itself, not as the failure of a later layer; a layer that fails on the
-    dry run is named too.
+    dry run is named too. (Ultralytics' own stride probe runs the whole model next.)
     """
     outputs, shapes = [], []
     x = torch.zeros(1, ch, PROBE_SIZE, PROBE_SIZE)
@@ -139,6 +140,8 @@ def _layer_output_shapes(layers: nn.Sequential, ch: int, pst_inputs: dict[int, l
         for i, m in enumerate(layers.eval()):
             if i in pst_inputs:
                 _check_pyramid(i, pst_inputs[i], shapes)
+                if i == max(pst_inputs):
+                    break
             if m.f != -1:
                 x = outputs[m.f] if isinstance(m.f, int) else [x if j == -1 else outputs[j] for j in m.f]
             try:

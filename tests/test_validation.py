@@ -242,7 +242,7 @@ YAML_CASES = [
     case(build("[[2, -9], 1, PST, [64]]"), ValueError, L + r" input -9 .* not an earlier layer", "row from too small"),
     case(build("[[2, up], 1, PST, [64]]"), ValueError, L + r" input 'up'", "row from str"),
     case(build("[[2, true], 1, PST, [64]]"), ValueError, L + r" input True", "row from bool"),
-    case(build("[[2, 2], 1, PST, [64]]"), ValueError, L + r" upper map \(layer 2, 32x32.*must be half", "row same map"),
+    case(build("[[2, 2], 1, PST, [64]]"), ValueError, L + r" upper map \(layer 2, 16x16.*must be half", "row same map"),
     case(build("[[1, 3], 1, PST, [64]]"), ValueError, L + r" upper map \(layer 3.*must be half", "row not half"),
     case(build("[[2, 3], 0, PST, [64]]"), ValueError, L + r": n \(repeats\) must be a positive integer, got 0", "n 0"),
     case(build("[[2, 3], -1, PST, [64]]"), ValueError, L + r": n \(repeats\) must be", "row n neg"),
