@@ -1,4 +1,5 @@
-"""The only module that touches Ultralytics internals: YAML parsing of PST rows, fusing, safe loading, NCNN guard.
+"""The module that touches Ultralytics internals: YAML parsing of PST rows, fusing, safe loading, NCNN guard (and,
+through :mod:`pst_yolo.int8_export`, INT8 export keeping PST's attention in float).
 
 ``register()`` (run by ``import pst_yolo``) wraps ``ultralytics.nn.tasks.parse_model``: a model YAML without PST rows
 goes straight to the stock parser. With PST rows, each row ``[[fine, upper], n, PST, [c2, mlp_ratio, e, k]]`` is
@@ -27,6 +28,7 @@ from ultralytics.nn.modules import C2f, Conv, HGBlock
 from ultralytics.utils import LOGGER
 from ultralytics.utils.checks import check_version
 
+from . import int8_export
 from .configs import find_model_config
 from .nn import PST, PSAttn, PSAttnBlock
 from .validation import check_int, check_type
@@ -326,5 +328,6 @@ def register() -> None:
         functools.partial(check_yaml_with_plugin_configs, tasks.check_yaml)
     )
     _guard_ncnn_export()
+    int8_export.register(importlib.import_module("ultralytics.engine.exporter").Exporter)
     if hasattr(torch.serialization, "add_safe_globals"):
         torch.serialization.add_safe_globals(list(SAFE_GLOBALS))

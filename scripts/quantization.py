@@ -9,6 +9,8 @@ them) and reports:
   images for every run: ``pst_yolo.tools.topk_evidence``);
 - top-k agreement (PST k=8): the share of the coarse tokens fp32 PyTorch selects that the export selects too, per
   (image, PSA layer, head), read from the graph's TopK indices (added as outputs);
+- INT8 of PST k=8 twice: as pst-yolo exports it (the PST rows' attention kept float, ``pst_yolo.int8_export``) and
+  with the attention quantized too (before that module);
 - CPU latency at batch 1: fp32 and the quantized export of one runtime timed round-robin, medians.
 
 INT8 calibration reads ``--calibration-split`` of ``--data`` (default: train), so validation images are not
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -32,7 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export_formats import machine, runner  # noqa: E402  (the sibling script's runtimes and machine description)
 
 DEMO = Path("runs/pst-demo")
-VARIANTS = {"YOLO11n-PST k=0": ("pst", 0), "YOLO11n-PST k=8": ("pst", 8), "YOLO12n": ("baseline", None)}
+# variant: (checkpoint, top-k, PST attention kept float in INT8 (pst_yolo.int8_export), precisions measured)
+VARIANTS = {
+    "YOLO11n-PST k=0": ("pst", 0, True, ("fp32", "INT8", "fp16")),
+    "YOLO11n-PST k=8": ("pst", 8, True, ("fp32", "INT8", "fp16")),
+    "YOLO11n-PST k=8, attention INT8": ("pst", 8, False, ("fp32", "INT8")),  # before pst_yolo.int8_export
+    "YOLO12n": ("baseline", None, True, ("fp32", "INT8", "fp16")),
+}
 PRECISIONS = {"fp32": None, "INT8": 8, "fp16": 16}
 FORMATS = {"onnx": "ONNX Runtime", "openvino": "OpenVINO"}
 METRIC = "mAP50-95"
@@ -183,9 +192,9 @@ def failure(error: Exception) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
 
 
-def measure_variant(args, checkpoint: Path, k: int | None, name: str, images: list) -> list[dict]:
-    """Every runtime and precision of one model variant: metrics, bootstrap comparison to fp32 PyTorch, top-k
-    agreement (k > 0), latency. Returns one row per (runtime, precision), fp32 PyTorch first."""
+def measure_variant(args, checkpoint: Path, k: int | None, name: str, images: list, precisions) -> list[dict]:
+    """Every runtime and each of ``precisions`` of one model variant: metrics, bootstrap comparison to fp32 PyTorch,
+    top-k agreement (k > 0), latency. Returns one row per (runtime, precision), fp32 PyTorch first."""
     from pst_yolo.tools.topk_evidence import Comparison, paired_bootstrap
 
     metrics, stats = validate(args, checkpoint, k)
@@ -193,8 +202,8 @@ def measure_variant(args, checkpoint: Path, k: int | None, name: str, images: li
     reference = torch_selections(checkpoint, k, images) if k else None
     for fmt, runtime in FORMATS.items():
         paths = {}
-        for precision, quantize in PRECISIONS.items():
-            row = {"runtime": runtime, "precision": precision}
+        for precision in precisions:
+            quantize, row = PRECISIONS[precision], {"runtime": runtime, "precision": precision}
             rows.append(row)
             try:
                 paths[precision] = export(args, checkpoint, fmt, quantize, k, name)
@@ -271,6 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
     import openvino
     import torch
 
+    from pst_yolo import int8_export
+
     torch.set_num_threads(args.threads)
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -278,9 +289,13 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoints = {"pst": args.weights.resolve(), "baseline": args.baseline_weights.resolve()}
     versions = {"onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__, "nncf": nncf.__version__}
     results = {"machine": {**machine(), **versions}, "images": len(images), "variants": {}}
-    for variant, (model, k) in VARIANTS.items():
-        name = variant.lower().replace(" ", "").replace("=", "")
-        results["variants"][variant] = measure_variant(args, checkpoints[model], k, name, images)
+    for variant, (model, k, attention_float, precisions) in VARIANTS.items():
+        name = re.sub(r"[^a-z0-9]+", "-", variant.lower()).strip("-")
+        int8_export.KEEP_ATTENTION_FLOAT = attention_float
+        try:
+            results["variants"][variant] = measure_variant(args, checkpoints[model], k, name, images, precisions)
+        finally:
+            int8_export.KEEP_ATTENTION_FLOAT = True
     results["wall_s"] = time.perf_counter() - start
     (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     command = "python scripts/quantization.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -74,6 +74,32 @@ def run_diff(reference: list[np.ndarray], output: list[np.ndarray]) -> float:
 
 
 QUANTIZED_OPS = {"onnx": "QuantizeLinear", "openvino": "FakeQuantize"}  # what an INT8 graph holds and fp32 does not
+QUANTIZED_INPUT = {"onnx": "DequantizeLinear", "openvino": "FakeQuantize"}  # what feeds a MatMul that runs in INT8
+ATTENTION_OPS = {"MatMul", "ScaledDotProductAttention"}  # OpenVINO converts the k=0 coarse attention to the latter
+PST_ROWS = (11, 14)  # yolo11n-pst; the A2C2f attention of rows 6 and 8 is Ultralytics' own
+
+
+def attention_matmuls(fmt: str, path: Path) -> dict[int, list[bool]]:
+    """Per layer with attention: for each of its attention products, whether an input comes quantized (INT8)."""
+    rows: dict[int, list[bool]] = {}
+    if fmt == "onnx":
+        import onnx
+
+        nodes = onnx.load(str(path)).graph.node
+        producer = {out: node.op_type for node in nodes for out in node.output}
+        for node in nodes:
+            if node.op_type == "MatMul" and node.name.startswith("/model."):
+                quantized = any(producer.get(name) == QUANTIZED_INPUT[fmt] for name in node.input)
+                rows.setdefault(int(node.name.split("/")[1].split(".")[1]), []).append(quantized)
+        return rows
+    import openvino as ov
+
+    for op in ov.Core().read_model(str(next(path.glob("*.xml")))).get_ordered_ops():
+        if op.get_type_name() in ATTENTION_OPS and op.get_friendly_name().startswith("__module.model."):
+            inputs = [op.input_value(i).get_node().get_type_name() for i in range(op.get_input_size())]
+            quantized = QUANTIZED_INPUT[fmt] in inputs
+            rows.setdefault(int(op.get_friendly_name().split(".")[2]), []).append(quantized)
+    return rows
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -174,6 +200,11 @@ def test_quantized_graph_keeps_fine_selection(exported, fmt, quantize, k):
     )
     assert (ops["TopK"] > 0) == (k > 0), ops
     assert (ops[QUANTIZED_OPS[fmt]] > 0) == (quantize == 8), ops
+    if quantize == 8:  # pst_yolo.int8_export: the PST rows' attention stays float, Ultralytics' own A2C2f is INT8
+        matmuls = attention_matmuls(fmt, exported("yolo11n-pst", fmt, quantize, k))
+        print(f"[graph] INT8 MatMuls per layer: {matmuls}")
+        assert set(matmuls) == {6, 8, *PST_ROWS}, matmuls
+        assert all(not any(matmuls[i]) for i in PST_ROWS) and all(any(matmuls[i]) for i in (6, 8)), matmuls
 
 
 @pytest.mark.parametrize("k", [0, 8])
