@@ -15,7 +15,7 @@ import torch
 from standins import install_standins
 
 from pst_yolo.ops.backends import kernels_on_any_device
-from pst_yolo.tools.check import check_backends, check_speed, parse_args
+from pst_yolo.tools.check import check_backends, check_speed, int8_row, parse_args
 
 BIN = Path(sys.executable).parent
 
@@ -71,3 +71,15 @@ def test_check_speed_part_on_cpu():
     models = {r["backend"] for r in part.rows if r["what"].startswith("model")}
     assert {r["backend"] for r in ops} == {"naive", "sdpa"} and all(r["ms"] > 0 for r in part.rows)
     assert {"yolo12n", "yolo11n-pst k=0", "yolo11n-pst k=8"} <= models
+
+
+def test_int8_export_is_judged_by_the_fine_attention_it_keeps():
+    """``pst-yolo check``'s INT8 TensorRT row (CUDA): INT8 noise keeps the k=8 - k=0 move -> ok; an INT8 graph whose
+    k=8 output equals its k=0 one (the fine branch lost) -> FAILED."""
+    generator = torch.Generator().manual_seed(0)
+    fp32 = {0: torch.rand(2, 84, 100, generator=generator)}
+    fp32[8] = fp32[0] + 0.05 * torch.randn(2, 84, 100, generator=generator)
+    noisy = {k: v + 0.005 * torch.randn(2, 84, 100, generator=generator) for k, v in fp32.items()}
+    row = int8_row(noisy, fp32, imgsz=64)
+    assert row["status"] == "ok" and row["k=8 - k=0"] > 0.5 * row["fp32 k=8 - k=0"], row
+    assert int8_row({0: noisy[0], 8: noisy[0]}, fp32, imgsz=64)["status"] == "FAILED"

@@ -9,7 +9,9 @@ Parts (each reports passed / failed / skipped with the reason, and its numbers):
 - ``train``: a few epochs of YOLOv11-PST-N on the offline demo digits (``pst_yolo.tools.datasets``), with AMP on CUDA;
   then the fine-map statistics of best.pt must be finite and k=8 must change its outputs against k=0.
 - ``val``: validation at k=0 and k=8, ``half=True`` on CUDA.
-- ``export``: ONNX (onnxruntime) and, on CUDA with TensorRT installed, fp32 and fp16 engines, each against PyTorch.
+- ``export``: ONNX (onnxruntime) and, on CUDA with TensorRT installed, fp32 and fp16 engines, each against PyTorch,
+  and an INT8 engine calibrated on the digits' val split: its k=8 output must still move against its k=0 output by
+  at least half of what fp32 PyTorch's does, and lie nearer fp32 k=8 than fp32 k=0 (the fine attention survives).
 - ``speed`` (CUDA by default): the op per backend and YOLOv11-PST-N (k=0, k=8 per backend) against the stock YOLO12n
   it extends, latency and peak memory (paper Table 4f style).
 
@@ -184,42 +186,61 @@ def _output_difference(a, b, imgsz: int) -> float:
     return diff.max().item()
 
 
+def _mean_output_difference(a, b, imgsz: int) -> float:
+    """Mean |a - b| of two raw detection outputs, boxes in units of the input size (INT8: a max tracks outliers)."""
+    diff = (a.double().cpu() - b.double().cpu()).abs()
+    diff[:, :4] /= imgsz
+    return diff.mean().item()
+
+
+def int8_row(int8: dict, fp32: dict, imgsz: int, fmt: str = "engine") -> dict:
+    """Judge an INT8 export by its k=0 and k=8 outputs (``{k: output}``) against fp32 PyTorch's: the fine attention
+    survives if INT8's k=8 - k=0 move is at least half of fp32's and INT8 k=8 lies nearer fp32 k=8 than fp32 k=0."""
+    move, fp32_move = (_mean_output_difference(d[8], d[0], imgsz) for d in (int8, fp32))
+    to_k8, to_k0 = (_mean_output_difference(int8[8], fp32[k], imgsz) for k in (8, 0))
+    ok = move >= 0.5 * fp32_move and to_k8 < to_k0
+    return {"format": fmt, "half": False, "int8": True, "topk": 8, "vs_torch": to_k8, "k=8 - k=0": move,
+            "fp32 k=8 - k=0": fp32_move, "vs torch k=0": to_k0, "status": "ok" if ok else "FAILED"}  # fmt: skip
+
+
 def check_export(args, device, data: Path, weights: Path) -> Part:
-    """ONNX (and TensorRT fp32/fp16 on CUDA) at k=0 and k=8 against PyTorch on validation images."""
+    """ONNX (and TensorRT fp32/fp16/INT8 on CUDA) at k=0 and k=8 against PyTorch on validation images."""
     import torch
     from ultralytics import YOLO
 
     from ..nn import PSAttn, set_topk
 
     part = Part("export")
-    formats = [("onnx", False)]
+    formats = [("onnx", 32)]
     if device.type == "cuda":
         if importlib.util.find_spec("tensorrt") is None:
             part.reason = "TensorRT skipped: package 'tensorrt' is not installed (pip install tensorrt)"
         else:
-            formats += [("engine", False), ("engine", True)]
+            formats += [("engine", 32), ("engine", 16), ("engine", 8)]
     else:
         part.reason = "TensorRT skipped: needs a CUDA GPU"
     x = _val_batch(data, args.imgsz)
+    int8, fp32_by_k = {}, {}
     for topk in (0, 8):
         model = YOLO(str(weights)).model.float().fuse().eval()
         set_topk(model, topk)
         with torch.no_grad():
             fp32, fp64 = model(x)[0], model.double()(x.double())[0]
             fp16 = model.to(device).half()(x.to(device).half())[0] if device.type == "cuda" else None
-        for fmt, half in formats:
+        fp32_by_k[topk] = fp32
+        for fmt, precision in formats:
+            half = precision == 16
+            quantize = {32: {}, 16: {"quantize": 16}, 8: {"quantize": 8, "data": str(data)}}[precision]
             PSAttn.override_topk(topk)
             try:
-                path = YOLO(str(weights)).export(
-                    format=fmt,
-                    imgsz=args.imgsz,
-                    device=_ultralytics_device(device),
-                    batch=x.shape[0],
-                    quantize=16 if half else None,
-                )
+                path = YOLO(str(weights)).export(format=fmt, imgsz=args.imgsz, device=_ultralytics_device(device),
+                                                 batch=x.shape[0], **quantize)  # fmt: skip
             finally:
                 PSAttn.override_topk(None)
             out = run_exported(path, x, device if fmt == "engine" else torch.device("cpu"), half)
+            if precision == 8:  # judged once both k are in
+                int8[topk] = out
+                continue
             same_precision = fp16 if half else fp32  # TensorRT fp32 engines may use TF32: judged like fp16 below
             plain_error = _output_difference(same_precision if fmt == "onnx" else fp16 if fp16 is not None else fp32,
                                              fp64, args.imgsz)  # fmt: skip
@@ -230,7 +251,10 @@ def check_export(args, device, data: Path, weights: Path) -> Part:
                 "ok" if row["error"] <= tolerance and (fmt != "onnx" or row["vs_torch"] < 1e-4) else "FAILED"
             )
             part.rows.append(row)
-            part.status = "failed" if row["status"] == "FAILED" else part.status
+    if int8:
+        part.rows.append(int8_row(int8, fp32_by_k, args.imgsz))
+    if any(row["status"] == "FAILED" for row in part.rows):
+        part.status = "failed"
     return part
 
 
@@ -279,7 +303,7 @@ def cpu_skips(device) -> list[Part]:
         Part("backends on CUDA", "skipped", f"fp16/bf16 kernels need a CUDA GPU ({kernels})"),
         Part("train with AMP", "skipped", "AMP needs CUDA (Ultralytics turns it off on the CPU): trained in fp32"),
         Part("val half=True", "skipped", "half-precision validation needs CUDA (Ultralytics forces fp32 on the CPU)"),
-        Part("export TensorRT", "skipped", "TensorRT engines (fp32, fp16) need a CUDA GPU and the tensorrt package"),
+        Part("export TensorRT", "skipped", "TensorRT engines (fp32, fp16, INT8) need a CUDA GPU and tensorrt"),
     ]
 
 
