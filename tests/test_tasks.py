@@ -229,6 +229,7 @@ def assert_onnx_export_matches_torch(task: str, root: Path, checkpoint: Path, x:
             assert_same_detections(ours[0], theirs[0])
             continue
         if task == "semantic":
+            print(f"\n[parity] semantic k=8 vs k=0 (logits): {moved:.1e}")
             assert_same_class_map(ours, theirs, logits)
             continue
         error = float((np.abs(ours - theirs) / np.maximum(np.abs(ours), 1.0)).max())  # relative above 1 (pixels)
