@@ -14,8 +14,7 @@ them INT8:
 Both are wrapped only while a PST model's ``Exporter.export_onnx`` / ``export_openvino`` runs with ``quantize=8``;
 other models and precisions go through untouched. LiteRT INT8 (``litert_torch``) has no per-op exclusion that
 Ultralytics' call reaches, so it quantizes the attention (its k=8 effect is still tested to survive). Set
-``KEEP_ATTENTION_FLOAT = False`` to quantize the attention too (``scripts/quantization.py`` does, for the "before"
-rows).
+``KEEP_ATTENTION_FLOAT = False`` to quantize the attention too (to measure what keeping it in float buys).
 """
 
 from __future__ import annotations

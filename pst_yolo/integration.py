@@ -136,13 +136,13 @@ def _layer_output_shapes(layers: nn.Sequential, ch: int, pst_inputs: dict[int, l
     exist, so that a wrong row is reported as itself, not as the failure of a later layer; a layer that fails on the
     dry run is named too. (Ultralytics' own stride probe runs the whole model next.)
     """
-    outputs, shapes = [], []
+    outputs, shapes, last_row = [], [], max(pst_inputs)
     x = torch.zeros(1, ch, PROBE_SIZE, PROBE_SIZE)
     with torch.no_grad():
         for i, m in enumerate(layers.eval()):
             if i in pst_inputs:
                 _check_pyramid(i, pst_inputs[i], shapes)
-                if i == max(pst_inputs):
+                if i == last_row:
                     break
             if m.f != -1:
                 x = outputs[m.f] if isinstance(m.f, int) else [x if j == -1 else outputs[j] for j in m.f]
