@@ -1,27 +1,57 @@
-"""The reproduction scripts: --help without a GPU, and clear errors for a missing data set or too few GPUs."""
+"""The reproduction scripts: --help in a fresh interpreter without a GPU, and clear errors for a missing data set or
+too few GPUs (run in this process, as ``python scripts/<name>`` runs them)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
+import runpy
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # the scripts in subprocesses: the full suite, not the fast tier
+pytestmark = pytest.mark.slow  # the scripts end to end: the full suite, not the fast tier
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 TRAIN_VAL = ("train_coco.py", "val_coco.py", "train_imagenet.py", "val_imagenet.py")
 
 
-def run_script(name: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    """Run scripts/<name> offline with a private Ultralytics config dir."""
+def run_script_fresh(name: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run scripts/<name> in a fresh interpreter, offline, with a private Ultralytics config dir."""
     env = {**os.environ, "YOLO_OFFLINE": "true", "YOLO_AUTOINSTALL": "false", "YOLO_CONFIG_DIR": str(tmp_path / "cfg")}
     return subprocess.run([sys.executable, str(SCRIPTS / name), *args], check=False, capture_output=True, text=True,
                           env=env, timeout=180, cwd=tmp_path)  # fmt: skip
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_script(name: str, *args: str, tmp_path: Path) -> Result:
+    """Run scripts/<name> as ``__main__`` in this process (cwd ``tmp_path``), as the interpreter would: a SystemExit
+    message goes to stderr with exit status 1."""
+    stdout, stderr, returncode = io.StringIO(), io.StringIO(), 0
+    argv = sys.argv[:]
+    sys.argv[:] = [str(SCRIPTS / name), *args]
+    try:
+        with contextlib.chdir(tmp_path), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            runpy.run_path(str(SCRIPTS / name), run_name="__main__")
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            stderr.write(e.code)
+        returncode = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    finally:
+        sys.argv[:] = argv
+    return Result(returncode, stdout.getvalue(), stderr.getvalue())
 
 
 def make_coco(root: Path) -> Path:
@@ -46,7 +76,7 @@ def make_imagenet(root: Path) -> Path:
 
 @pytest.mark.parametrize("name", [*TRAIN_VAL, "reproduce_tables.py", "quantization.py"])
 def test_help(name, tmp_path):
-    result = run_script(name, "--help", tmp_path=tmp_path)
+    result = run_script_fresh(name, "--help", tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout
 

@@ -1,13 +1,15 @@
-"""Every Ultralytics task with PST through the stock ``yolo`` command, on the offline digits data (slow).
+"""Every Ultralytics task with PST, on the offline digits data (slow).
 
 Per task (instance segmentation, pose, oriented boxes with YOLOv11-PST; detection with the NMS-free YOLO26-PST;
-semantic segmentation and depth with YOLO26-PST): train 1 epoch on a tiny set (YOLO26-PST detection from a stock
-YOLO26n checkpoint, ``pretrained=``), ``val`` with rect at a size that is not a multiple of the stride; then, on that
-checkpoint with BatchNorm statistics calibrated on the input (so detections exist and the fine attention visibly acts:
-k=8 vs k=0 asserted), ``predict`` with saved task labels (semantic and depth: saved maps) and ``export format=onnx``
-with onnxruntime parity at k=8 (fp32, 1e-4; semantic: the class map ONNX bakes, equal wherever PyTorch's two best
-classes are not tied). One trained and one calibrated checkpoint per task are shared by the steps (module-scoped
-fixtures).
+semantic segmentation and depth with YOLO26-PST): train 1 epoch on a tiny set with the stock ``yolo`` command in a
+fresh interpreter (YOLO26-PST detection from a stock YOLO26n checkpoint, ``pretrained=``); ``val`` with rect at a size
+that is not a multiple of the stride; then, on that checkpoint with BatchNorm statistics calibrated on the input (so
+detections exist and the fine attention visibly acts: k=8 vs k=0 asserted), ``predict`` with saved task labels
+(semantic and depth: saved maps) and ``pst-yolo export format=onnx topk=8`` with onnxruntime parity at k=8 (fp32,
+1e-4; semantic: the class map ONNX bakes, equal wherever PyTorch's two best classes are not tied). val, predict and
+export run in this process (``YOLO(...).val``/``.predict``, ``pst_yolo.cli.main``): a fresh interpreter adds
+nothing past the train step (tests/test_end_to_end.py runs each command in its own). One trained and one calibrated
+checkpoint per task are shared by the steps (module-scoped fixtures).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import torch.nn.functional as F
 from ultralytics import YOLO
 from ultralytics.data.augment import LetterBox
 
-from pst_yolo import PST, set_topk
+from pst_yolo import PST, PSAttn, set_topk
+from pst_yolo.cli import main as cli_main
 from pst_yolo.configs import stock_counterpart
 from pst_yolo.tools.datasets import build_digits_detection
 from pst_yolo.tools.task_datasets import KEYPOINT_NAMES, build_digits_task
@@ -55,6 +58,16 @@ def yolo(*args, cwd: Path, exe: str = "yolo") -> str:
     result = subprocess.run([str(BIN / exe), *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"{exe} {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result.stdout + result.stderr
+
+
+def pst_yolo_cli(*args: str) -> None:
+    """``pst-yolo *args`` in this process; the process-wide top-k override and ``sys.argv`` restored after."""
+    argv = sys.argv[:]
+    try:
+        cli_main(list(args))
+    finally:
+        sys.argv[:] = argv
+        PSAttn.override_topk(None)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -96,10 +109,12 @@ def test_checkpoint_keeps_task_and_pst(trained):
 
 def test_val_rect_at_odd_size(trained):
     task, root, data, best = trained
-    args = [f"data={data}", "imgsz=100", "rect=True", "batch=2", "workers=0", *([END2END] if task == "detect" else [])]
-    out = yolo("val", f"model={best}", *args, cwd=root)
-    assert {"semantic": "mIoU", "depth": "delta1"}.get(task, "mAP50") in out  # the task's own metric
-    assert "all" in out or task == "depth"  # depth prints one row named after the split
+    end2end = {"nms": False} if task == "detect" else {}  # END2END: YOLO26's NMS-free one-to-one head
+    metrics = YOLO(str(best)).val(data=str(data), imgsz=100, rect=True, batch=2, workers=0, **end2end,
+                                  project=str(root / "runs"), name="v", plots=False)  # fmt: skip
+    metric = {"semantic": "metrics/mIoU", "depth": "metrics/delta1"}.get(task, "metrics/mAP50(B)")
+    assert metric in metrics.results_dict, metrics.results_dict  # the task's own metric
+    assert 0 <= metrics.results_dict[metric] <= 1
 
 
 def calibrate_batchnorm(model: torch.nn.Module, images: torch.Tensor) -> None:
@@ -158,20 +173,14 @@ def test_predict_writes_task_labels(calibrated):
     """
     task, root, data, checkpoint, _ = calibrated
     source = Path(data).parent / "images" / "val"
+    run = {"imgsz": IMGSZ, "project": str(root / "runs"), "name": "p", "verbose": False}
     if task in DENSE:
-        yolo("predict", f"model={checkpoint}", f"source={source}", f"imgsz={IMGSZ}", "save=True",
-             f"project={root / 'runs'}", "name=p", cwd=root)
+        YOLO(str(checkpoint)).predict(source, save=True, **run)
         saved = sorted(f.stem for f in (root / "runs" / "p").iterdir() if f.suffix in {".jpg", ".png"})
         assert saved == sorted(f.stem for f in source.iterdir()), saved
         return
-    args = [
-        f"source={source}",
-        f"imgsz={IMGSZ}",
-        "max_det=5",
-        "save_txt=True",
-        *([END2END] if task == "detect" else []),
-    ]
-    yolo("predict", f"model={checkpoint}", *args, f"project={root / 'runs'}", "name=p", cwd=root)
+    end2end = {"nms": False} if task == "detect" else {}
+    YOLO(str(checkpoint)).predict(source, max_det=5, save_txt=True, **end2end, **run)
     rows = [r.split() for f in (root / "runs" / "p" / "labels").glob("*.txt") for r in f.read_text().splitlines()]
     assert rows, "no predictions written"
     columns = CASES[task][1]
@@ -214,7 +223,7 @@ def assert_onnx_export_matches_torch(task: str, root: Path, checkpoint: Path, x:
     assert moved > 1e-3, f"k=8 output equals k=0 (relative change {moved:.1e}): fine attention not visible"
 
     args = ["format=onnx", f"imgsz={EXPORT_IMGSZ}", "topk=8", *([END2END] if task == "detect" else [])]
-    yolo("export", f"model={checkpoint}", *args, cwd=root, exe="pst-yolo")
+    pst_yolo_cli("export", f"model={checkpoint}", *args)
     session = ort.InferenceSession(str(checkpoint.with_suffix(".onnx")), providers=["CPUExecutionProvider"])
     exported = session.run(None, {session.get_inputs()[0].name: x[:1].numpy()})
     logits = fine[0]
