@@ -249,15 +249,10 @@ def predict_export(cfg: str, ws: Workspace) -> None:
     ws.predict(YOLO(str(ws.export(model)), task=ws.task))
 
 
-def val_export(cfg: str, ws: Workspace) -> None:
+def val_export_twice(cfg: str, ws: Workspace) -> None:
+    """Val, then static ONNX, then dynamic ONNX, from the same YOLO object."""
     model = YOLO(cfg)
     ws.val(model)
-    ws.export(model)
-
-
-def export_twice(cfg: str, ws: Workspace) -> None:
-    """Static ONNX, then dynamic ONNX, from the same YOLO object."""
-    model = YOLO(cfg)
     ws.export(model)
     ws.export(model, dynamic=True)
 
@@ -269,11 +264,16 @@ def half_float_export(cfg: str, ws: Workspace) -> None:
     ws.export(model)
 
 
-def predict_train(cfg: str, ws: Workspace) -> None:
+def predict_train_fuse_export(cfg: str, ws: Workspace) -> None:
+    """Predict, train, predict with the trained model; then its checkpoint through fuse, deepcopy and export."""
     model = YOLO(cfg)
     ws.predict(model)
-    ws.train(model)
+    best = ws.train(model)
     ws.predict(model)  # the trained model
+    trained = YOLO(str(best))
+    trained.fuse()
+    forward(copy.deepcopy(trained.model))
+    ws.export(trained)
 
 
 def fused_checkpoint_train(cfg: str, ws: Workspace) -> None:
@@ -282,14 +282,6 @@ def fused_checkpoint_train(cfg: str, ws: Workspace) -> None:
     model.fuse()
     best = ws.train(YOLO(str(ws.save(model, "fused.pt"))))
     ws.predict(YOLO(str(best)))
-
-
-def train_checkpoint_fuse_export(cfg: str, ws: Workspace) -> None:
-    """Train, then the trained checkpoint through fuse, deepcopy and export."""
-    model = YOLO(str(ws.train(YOLO(cfg))))
-    model.fuse()
-    forward(copy.deepcopy(model.model))
-    ws.export(model)
 
 
 def track(cfg: str, ws: Workspace) -> None:
@@ -312,8 +304,8 @@ SEQUENCES: dict[str, Callable[[str, Workspace], None]] = {
         fuse_deepcopy, fuse_pickle, fuse_torch_save_load, fuse_twice, fuse_half_forward, info_fuse_info,
         deepcopy_fuse, train_forward_deepcopy, save_load_weights,
         fuse_export, fuse_save_predict, save_reload_fuse, save_reload_deepcopy_pickle, train_eval_toggle,
-        stream_predict, predict_export, val_export, export_twice, half_float_export, predict_train,
-        fused_checkpoint_train, train_checkpoint_fuse_export, track, tune,
+        stream_predict, predict_export, val_export_twice, half_float_export, predict_train_fuse_export,
+        fused_checkpoint_train, track, tune,
     )
 }  # fmt: skip
 FAST = ("fuse_deepcopy", "fuse_pickle", "fuse_torch_save_load", "fuse_twice", "fuse_half_forward", "info_fuse_info",
