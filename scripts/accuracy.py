@@ -85,8 +85,10 @@ def run_one(seed: int, model_cfg: str, args: argparse.Namespace) -> dict:
     data = data_dir / "data.yaml"
     if not data.is_file():
         sizes = args.train_images, args.val_images, args.imgsz, seed
-        data = build_digits_detection(data_dir, *sizes) if args.task == "detect" else build_digits_task(
-            data_dir, args.task, *sizes
+        data = (
+            build_digits_detection(data_dir, *sizes)
+            if args.task == "detect"
+            else build_digits_task(data_dir, args.task, *sizes)
         )
     train_args = argparse.Namespace(**{**vars(args), "seed": seed})
     project = args.out / "runs" / f"seed{seed}"

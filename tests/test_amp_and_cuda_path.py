@@ -349,4 +349,3 @@ def test_bench_picks_sage_only_where_the_key_count_allows(monkeypatch):
         rows = bench_op(args, torch.device("cpu"), torch.float16, gemm=1.0)
     timed = {(r.get("level"), r.get("backend")) for r in rows}
     assert ("P3", "sage") in timed and ("P4", "sage") not in timed, timed
-

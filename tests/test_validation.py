@@ -152,8 +152,18 @@ OP_CASES = [
     case(lambda *_: psa(threshold=1.5), ValueError, r"threshold must be .* got 1.5", "op thr too large"),
     case(lambda *_: psa(threshold="0.1"), TypeError, r"threshold must be a finite number", "op thr str"),
     case(lambda *_: psa(backend=3), TypeError, r"backend must be a backend name or None", "op backend int"),
-    case(lambda *_: psa(backend="bogus"), ValueError, r"attention backend must be one of .* got 'bogus'", "op backend bogus"),
-    case(lambda *_: attention(Q, K, V, "bogus"), ValueError, r"attention: backend must be one of .* 'bogus'", "attn bogus"),
+    case(
+        lambda *_: psa(backend="bogus"),
+        ValueError,
+        r"attention backend must be one of .* got 'bogus'",
+        "op backend bogus",
+    ),
+    case(
+        lambda *_: attention(Q, K, V, "bogus"),
+        ValueError,
+        r"attention: backend must be one of .* 'bogus'",
+        "attn bogus",
+    ),
     case(lambda *_: attention(Q, K, V, "auto"), ValueError, r"attention: backend must be one of 'naive'", "attn auto"),
     case(lambda *_: select(scores=torch.rand(2, 4)), ValueError, r"select_fine_tokens: scores must be", "sel 2-D"),
     case(lambda *_: select(scores=torch.rand(1, 2, 5)), ValueError, r"scores must be \(B, h, M\)", "sel wrong M"),
@@ -167,9 +177,18 @@ OP_CASES = [
     case(lambda *_: coarse_attention_with_scores(Q, K, V, "auto"), ValueError, r"backend must be one of", "cas auto"),
     case(lambda *_: coarse_attention_with_scores(Q, K, V, None), TypeError, r"backend must be one of", "cas None"),
     case(lambda *_: coarse_attention_with_scores(Q, K, V[:, :1], "naive"), ValueError, r"v must be", "cas v heads"),
-    case(lambda *_: set_backend("bogus"), ValueError, r"attention backend must be one of .* 'bogus'", "set_backend bogus"),
-    case(lambda *_: set_backend(123), TypeError, r"attention backend must be one of .* got 123 \(int\)", "set_backend int"),
-    case(lambda *_: use_backend("cudnn").__enter__(), ValueError, r"attention backend must be one of", "use_backend bad"),
+    case(
+        lambda *_: set_backend("bogus"), ValueError, r"attention backend must be one of .* 'bogus'", "set_backend bogus"
+    ),
+    case(
+        lambda *_: set_backend(123),
+        TypeError,
+        r"attention backend must be one of .* got 123 \(int\)",
+        "set_backend int",
+    ),
+    case(
+        lambda *_: use_backend("cudnn").__enter__(), ValueError, r"attention backend must be one of", "use_backend bad"
+    ),
     case(lambda *_: set_topk(PST(48, 80, 64), -1), ValueError, r"set_topk: topk must be .* got -1", "set_topk neg"),
     case(lambda *_: set_topk(PST(48, 80, 64), "8"), TypeError, r"set_topk: topk must be .* got '8'", "set_topk str"),
     case(lambda *_: set_topk(PST(48, 80, 64), 2.5), TypeError, r"topk must be .* 2.5", "set_topk float"),
@@ -315,10 +334,25 @@ def saved_pst_checkpoint(tmp: Path, model) -> str:
 
 
 TOOL_CASES = [
-    case(demo_cli("--epochs", "0"), SystemExit, r"argument --epochs: epochs must be a positive integer, got 0", "demo epochs 0"),
-    case(demo_cli("--imgsz", "ten"), SystemExit, r"argument --imgsz: imgsz must be an integer, got 'ten'", "demo imgsz str"),
+    case(
+        demo_cli("--epochs", "0"),
+        SystemExit,
+        r"argument --epochs: epochs must be a positive integer, got 0",
+        "demo epochs 0",
+    ),
+    case(
+        demo_cli("--imgsz", "ten"),
+        SystemExit,
+        r"argument --imgsz: imgsz must be an integer, got 'ten'",
+        "demo imgsz str",
+    ),
     case(demo_cli("--batch", "-1"), SystemExit, r"argument --batch: batch must be a positive", "demo batch neg"),
-    case(demo_cli("--train-images", "2.5"), SystemExit, r"argument --train-images: train-images must be an integer", "demo float"),
+    case(
+        demo_cli("--train-images", "2.5"),
+        SystemExit,
+        r"argument --train-images: train-images must be an integer",
+        "demo float",
+    ),
     case(demo_cli("--seed", "-2"), SystemExit, r"argument --seed: seed must be a non-negative integer", "demo seed"),
     case(trt_check("/nonexistent/m.onnx"), SystemExit, r"tensorrt_check: model '/nonexistent/m.onnx' does not", "trt"),
     case(trt_check(str(REPO / "README.md")), SystemExit, r"README.md' is a .md file; expected a .onnx", "trt kind"),
@@ -431,7 +465,12 @@ TOOL_CASES = [
     case(cli("val", "topk=-3"), SystemExit, r"pst-yolo: topk must be a non-negative integer, got '-3'", "cli topk"),
     case(cli("val", "topk=eight"), SystemExit, r"topk must be a non-negative integer, got 'eight'", "cli topk str"),
     case(cli("val", "topk=2.5"), SystemExit, r"topk must be a non-negative integer, got '2.5'", "cli topk float"),
-    case(cli("val", "attn_backend=bogus"), SystemExit, r"pst-yolo: attn_backend: attention backend must be one of", "cli b"),
+    case(
+        cli("val", "attn_backend=bogus"),
+        SystemExit,
+        r"pst-yolo: attn_backend: attention backend must be one of",
+        "cli b",
+    ),
 ]
 
 SWEEP = OP_CASES + MODULE_CASES + YAML_CASES + TOOL_CASES

@@ -13,6 +13,7 @@ FP32_ATOL = 1e-4
 # 0.04-0.07 (max abs, against float64) on SAGE_SHAPES over three seeds, fp16 and bf16.
 SAGE_INT8_ATOL = 0.1
 
+
 @dataclass
 class Part:
     """Outcome of one part: status ``passed``/``failed``/``skipped``, why, and a table of numbers."""

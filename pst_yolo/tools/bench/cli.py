@@ -145,4 +145,3 @@ def main(argv: list[str] | None = None) -> dict:
     plot(results, args.out / "bench.png")
     print(f"Results in {args.out}/bench.md, bench.json, bench.png")
     return results
-

@@ -70,4 +70,3 @@ def bench_models_eager(args, variants: dict, device) -> list[dict]:
         rows += [{"runtime": "pytorch", "model": label, "batch": batch, "ms": t} for label, t in ms.items()]
         print(f"pytorch batch {batch}: " + ", ".join(f"{label}: {t:.1f} ms" for label, t in ms.items()))
     return rows
-

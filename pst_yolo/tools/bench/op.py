@@ -38,9 +38,7 @@ def op_flops(batch: int, heads: int, n: int, m: int, topk: int) -> int:
     return batch * heads * per_head
 
 
-def usable_backends(
-    names: list[str], device: torch.device, dtype: torch.dtype, kv_len: int | None = None
-) -> list[str]:
+def usable_backends(names: list[str], device: torch.device, dtype: torch.dtype, kv_len: int | None = None) -> list[str]:
     """The backends of ``names`` that can run inference on ``dtype`` tensors of ``device`` with ``kv_len`` keys
     (None: any key count a model may give, as ``auto`` resolves per layer)."""
     from ...ops.backends import unusable_reason
@@ -130,4 +128,3 @@ def bench_score_step(args, device, dtype) -> list[dict]:
         {"variant": n, "batch": args.score_batch, "ms": ms[n], "peak_mb": mb[n], "x_dense_mem": mb[n] / mb[dense_name]}
         for n in variants
     ]
-

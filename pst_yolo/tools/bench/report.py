@@ -100,4 +100,3 @@ def plot(results: dict, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
