@@ -349,8 +349,9 @@ def test_k0_graph_ops_are_a_subset_of_k8(detect_pt, detect_images, monkeypatch, 
     meets nothing new at k=0, and the slowest converters (onnx2tf, LiteRT, x2paddle) are tested at k=8 only."""
     if block_elements:
         monkeypatch.setattr(export_compat, "TRACED_BLOCK_ELEMENTS", block_elements)
-    row, inputs = pst_row_and_inputs(detect_pt, detect_images)
-    block, args = PSTBlock(row).eval(), tuple(t[:1] for t in inputs[0])
+    square = (IMGSZ, IMGSZ)  # one size is enough for op types
+    row, (inputs,) = pst_row_and_inputs(detect_pt, {square: detect_images[square]})
+    block, args = PSTBlock(row).eval(), tuple(t[:1] for t in inputs)
 
     def onnx_ops() -> Counter:
         buffer = io.BytesIO()

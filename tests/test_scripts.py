@@ -11,7 +11,6 @@ import os
 import runpy
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -29,19 +28,12 @@ def run_script_fresh(name: str, *args: str, tmp_path: Path) -> subprocess.Comple
                           env=env, timeout=180, cwd=tmp_path)  # fmt: skip
 
 
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def run_script(name: str, *args: str, tmp_path: Path) -> Result:
+def run_script(name: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     """Run scripts/<name> as ``__main__`` in this process (cwd ``tmp_path``), as the interpreter would: a SystemExit
     message goes to stderr with exit status 1."""
     stdout, stderr, returncode = io.StringIO(), io.StringIO(), 0
-    argv = sys.argv[:]
-    sys.argv[:] = [str(SCRIPTS / name), *args]
+    command, argv = [str(SCRIPTS / name), *args], sys.argv[:]
+    sys.argv[:] = command
     try:
         with contextlib.chdir(tmp_path), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             runpy.run_path(str(SCRIPTS / name), run_name="__main__")
@@ -51,7 +43,7 @@ def run_script(name: str, *args: str, tmp_path: Path) -> Result:
         returncode = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
     finally:
         sys.argv[:] = argv
-    return Result(returncode, stdout.getvalue(), stderr.getvalue())
+    return subprocess.CompletedProcess(command, returncode, stdout.getvalue(), stderr.getvalue())
 
 
 def make_coco(root: Path) -> Path:

@@ -51,7 +51,12 @@ CASES = {
     "depth": ("yolo26n-depth-pst.yaml", None),
 }
 DENSE = {"semantic", "depth"}  # per-pixel heads: predict saves maps, not text rows
-END2END = "nms=False"  # Ultralytics 8.4: val/predict/export through YOLO26's NMS-free one-to-one head
+DENSE_METRIC = {"semantic": "mIoU", "depth": "delta1"}  # the rest: the detection family's mAP50(B)
+
+
+def end2end(task: str) -> dict:
+    """Ultralytics 8.4's ``nms=False`` for YOLO26 detection: val/predict/export through its NMS-free one-to-one head."""
+    return {"nms": False} if task == "detect" else {}
 
 
 def yolo(*args, cwd: Path, exe: str = "yolo") -> str:
@@ -109,10 +114,9 @@ def test_checkpoint_keeps_task_and_pst(trained):
 
 def test_val_rect_at_odd_size(trained):
     task, root, data, best = trained
-    end2end = {"nms": False} if task == "detect" else {}  # END2END: YOLO26's NMS-free one-to-one head
-    metrics = YOLO(str(best)).val(data=str(data), imgsz=100, rect=True, batch=2, workers=0, **end2end,
+    metrics = YOLO(str(best)).val(data=str(data), imgsz=100, rect=True, batch=2, workers=0, **end2end(task),
                                   project=str(root / "runs"), name="v", plots=False)  # fmt: skip
-    metric = {"semantic": "metrics/mIoU", "depth": "metrics/delta1"}.get(task, "metrics/mAP50(B)")
+    metric = f"metrics/{DENSE_METRIC.get(task, 'mAP50(B)')}"
     assert metric in metrics.results_dict, metrics.results_dict  # the task's own metric
     assert 0 <= metrics.results_dict[metric] <= 1
 
@@ -167,7 +171,7 @@ def calibrated(trained):
 
 
 def test_predict_writes_task_labels(calibrated):
-    """``yolo predict save_txt=True`` writes rows in the task's format (calibrated weights: scores around 0.5).
+    """``predict(save_txt=True)`` writes rows in the task's format (calibrated weights: scores around 0.5).
 
     Semantic and depth predictions are maps, which Ultralytics saves as images (``save=True``): one per source image.
     """
@@ -179,8 +183,7 @@ def test_predict_writes_task_labels(calibrated):
         saved = sorted(f.stem for f in (root / "runs" / "p").iterdir() if f.suffix in {".jpg", ".png"})
         assert saved == sorted(f.stem for f in source.iterdir()), saved
         return
-    end2end = {"nms": False} if task == "detect" else {}
-    YOLO(str(checkpoint)).predict(source, max_det=5, save_txt=True, **end2end, **run)
+    YOLO(str(checkpoint)).predict(source, max_det=5, save_txt=True, **end2end(task), **run)
     rows = [r.split() for f in (root / "runs" / "p" / "labels").glob("*.txt") for r in f.read_text().splitlines()]
     assert rows, "no predictions written"
     columns = CASES[task][1]
@@ -222,7 +225,7 @@ def assert_onnx_export_matches_torch(task: str, root: Path, checkpoint: Path, x:
     moved = max(float(np.abs(a - b).max() / (np.abs(a).max() + 1e-9)) for a, b in zip(coarse, fine))
     assert moved > 1e-3, f"k=8 output equals k=0 (relative change {moved:.1e}): fine attention not visible"
 
-    args = ["format=onnx", f"imgsz={EXPORT_IMGSZ}", "topk=8", *([END2END] if task == "detect" else [])]
+    args = ["format=onnx", f"imgsz={EXPORT_IMGSZ}", "topk=8", *(f"{k}={v}" for k, v in end2end(task).items())]
     pst_yolo_cli("export", f"model={checkpoint}", *args)
     session = ort.InferenceSession(str(checkpoint.with_suffix(".onnx")), providers=["CPUExecutionProvider"])
     exported = session.run(None, {session.get_inputs()[0].name: x[:1].numpy()})
@@ -285,5 +288,5 @@ def test_topk_weighs_dense_tasks_with_their_own_metric(calibrated, tmp_path):
     val_kwargs = {"data": str(data), "imgsz": EXPORT_IMGSZ, "batch": 3, "device": "cpu", "workers": 0}
     summary = topk_run(checkpoint, [0, 8], False, tmp_path, "topk", val_kwargs, bootstrap=200, latency_rounds=2)
     decision = summary["decision"]
-    assert decision["images"] == 4 and decision["metric"] == {"semantic": "mIoU", "depth": "delta1"}[task]
+    assert decision["images"] == 4 and decision["metric"] == DENSE_METRIC[task]
     assert all(len(r["intervals"]["fitness"]) == 2 for r in summary["rows"]), summary["rows"]
